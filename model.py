@@ -1,0 +1,313 @@
+"""
+The teacher DiT forward passes, written directly in PyTorch.
+
+SANA (Xie et al. 2024, arXiv 2410.10629): a linear-attention DiT with ReLU-kernel self-attention,
+masked softmax cross-attention to Gemma-2 text features, a gated depthwise-conv feed-forward
+(Mix-FFN / GLUMBConv) and AdaLN-single timestep modulation. The embedded `tiny` teacher is the
+same module at a small width.
+
+Every module here follows one convention and one signature:
+
+    v = module(x, t, text, text_mask=None, pooled=None, guidance=None)
+
+    x         (B, C, H, W)  latents, x_t = (1 - t) * x0 + t * eps
+    t         (B,)          flow time in [0, 1], t = 1 is pure noise
+    text      (B, L, D_txt) text-encoder features
+    text_mask (B, L)        1/True = real token, 0/False = padding (None: all real)
+    pooled    (B, D_pool)   pooled text vector (SD3/FLUX; SANA ignores it)
+    guidance  (B,)          embedded guidance scale (guidance-distilled checkpoints only)
+    v         (B, C, H, W)  velocity, v = eps - x0, so x0 = x_t - t * v
+
+Checkpoints expect a timestep of 1000 * t (SANA, SD3) or t (SANA-Sprint teachers): that factor is
+`config.time_scale`, applied inside `forward`, never at call sites.
+
+Checked against: diffusers `SanaTransformer2DModel` on tiny random configs (with and without
+qk-norm, padded masks, non-square latents), max error <= 1e-4 * max|reference|; see test_sana.py.
+Run `python -m pytest test_sana.py -q`.
+"""
+
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and presets
+
+
+@dataclass
+class SanaConfig:
+    in_channels: int = 32          # DC-AE f32c32 latent channels
+    out_channels: int = 32
+    patch_size: int = 1            # SANA works on the 32x-downsampled latent directly
+    num_heads: int = 36            # self-attention heads; width D = num_heads * head_dim
+    head_dim: int = 32             # linear attention is cheap per head, so heads are narrow
+    depth: int = 28
+    cross_heads: int = 16          # cross-attention uses its own head split of the same width D
+    cross_head_dim: int = 72
+    caption_channels: int = 2304   # Gemma-2-2B hidden size
+    mlp_ratio: float = 2.5         # Mix-FFN hidden F = mlp_ratio * D (the GLU doubles it to 2F)
+    qk_norm: bool = False          # SANA-1.5 / Sprint: RMSNorm over the whole width on q and k
+    guidance_embeds: bool = False  # Sana-Sprint: embedded guidance added to the time embedding
+    guidance_scale: float = 0.1    # Sprint embeds g * 0.1 (pipeline's guidance_embeds_scale)
+    time_scale: float = 1000.0     # module input t in [0,1] -> checkpoint timestep time_scale * t
+    sample_size: int = 16          # native latent side (512px -> 16); informative only
+
+    @property
+    def width(self):
+        return self.num_heads * self.head_dim
+
+
+SANA_CONFIGS = {
+    "Sana_600M_512px": SanaConfig(num_heads=36, depth=28, cross_heads=16, cross_head_dim=72, sample_size=16),
+    "Sana_600M_1024px": SanaConfig(num_heads=36, depth=28, cross_heads=16, cross_head_dim=72, sample_size=32),
+    "Sana_1600M_512px": SanaConfig(num_heads=70, depth=20, cross_heads=20, cross_head_dim=112, sample_size=16),
+    "Sana_1600M_1024px": SanaConfig(num_heads=70, depth=20, cross_heads=20, cross_head_dim=112, sample_size=32),
+    "SANA1.5_1.6B_1024px": SanaConfig(num_heads=70, depth=20, cross_heads=20, cross_head_dim=112, sample_size=32,
+                                      qk_norm=True),
+    # the embedded teacher (tiny.py): 48-channel pixel-unshuffled 32x32 RGB, 8-word prompts
+    "tiny": SanaConfig(in_channels=48, out_channels=48, num_heads=4, head_dim=32, depth=6, cross_heads=4,
+                       cross_head_dim=32, caption_channels=64, mlp_ratio=2.5, sample_size=8),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers and embedders
+
+
+def timestep_features(t, dim=256, max_period=10000.0):
+    """DiT sinusoidal features of a (B,) float tensor, cosine half first, computed in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]                                   # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)             # (B, dim)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> act -> Linear; SiLU for time/guidance, tanh-GELU for the caption projection."""
+
+    def __init__(self, d_in, d_out, act):
+        super().__init__()
+        self.linear_1 = nn.Linear(d_in, d_out)
+        self.act = act
+        self.linear_2 = nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, the mean taken in fp32 (as diffusers does)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(var + self.eps)).to(self.weight.dtype) * self.weight
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+class LinearAttention(nn.Module):
+    """SANA self-attention: softmax replaced by a ReLU kernel, out_i = sum_j v_j (k_j . q_i) / (q_i . sum_j k_j).
+
+    Cost is O(N D^2 / heads) instead of O(N^2 D). Both reference codebases accumulate it in fp32:
+    the denominator is a sum over all N tokens and loses too much in bf16.
+    """
+
+    def __init__(self, dim, heads, qk_norm):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps=1e-5) if qk_norm else None
+        self.norm_k = RMSNorm(dim, eps=1e-5) if qk_norm else None
+
+    def forward(self, x):                                                     # x: (B, N, D)
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        B, N, D = x.shape
+        q, k, v = (z.view(B, N, self.heads, D // self.heads).transpose(1, 2) for z in (q, k, v))  # (B, h, N, d)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            q, k, v = F.relu(q).float(), F.relu(k).float(), v.float()
+            kv = torch.einsum("bhnd,bhne->bhde", k, v)                        # (B, h, d, d)
+            num = torch.einsum("bhnd,bhde->bhne", q, kv)                      # (B, h, N, d)
+            den = torch.einsum("bhnd,bhd->bhn", q, k.sum(dim=2))              # (B, h, N)
+            out = num / (den[..., None] + 1e-15)
+        out = out.transpose(1, 2).reshape(B, N, D).to(x.dtype)               # (B, N, D)
+        return self.to_out(out)
+
+
+def attention(q, k, v, bias=None):
+    """softmax(q k^T / sqrt(d) + bias) v. Fused SDPA on GPU; written out on CPU, where it is ~6x faster in bf16."""
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5                    # (B, h, N, L)
+    if bias is not None:
+        scores = scores + bias
+    return scores.softmax(dim=-1) @ v
+
+
+class CrossAttention(nn.Module):
+    """Softmax attention from image tokens to text tokens; padded text tokens get a -10000 logit bias."""
+
+    def __init__(self, dim, heads, head_dim, qk_norm):
+        super().__init__()
+        self.heads = heads
+        inner = heads * head_dim
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.to_out = nn.Linear(inner, dim)
+        self.norm_q = RMSNorm(inner, eps=1e-5) if qk_norm else None
+        self.norm_k = RMSNorm(inner, eps=1e-5) if qk_norm else None
+
+    def forward(self, x, c, bias):                   # x: (B, N, D), c: (B, L, D), bias: (B, 1, 1, L) or None
+        q, k, v = self.to_q(x), self.to_k(c), self.to_v(c)
+        if self.norm_q is not None:
+            q, k = self.norm_q(q), self.norm_k(k)
+        B, N, _ = q.shape
+        q = q.view(B, N, self.heads, -1).transpose(1, 2)                      # (B, h, N, d)
+        k = k.view(B, k.shape[1], self.heads, -1).transpose(1, 2)             # (B, h, L, d)
+        v = v.view(B, v.shape[1], self.heads, -1).transpose(1, 2)
+        out = attention(q, k, v, bias)                                        # (B, h, N, d)
+        return self.to_out(out.transpose(1, 2).reshape(B, N, -1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Blocks
+
+
+class MixFFN(nn.Module):
+    """GLUMBConv: 1x1 conv to 2F -> SiLU -> depthwise 3x3 -> split (a, g) -> a * SiLU(g) -> 1x1 conv to D.
+
+    The depthwise conv is the only place where SANA-512/1024 sees where a token is (no positional embedding).
+    """
+
+    def __init__(self, dim, mlp_ratio):
+        super().__init__()
+        hidden = int(mlp_ratio * dim)
+        self.conv_inverted = nn.Conv2d(dim, 2 * hidden, 1)
+        self.conv_depth = nn.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden)
+        self.conv_point = nn.Conv2d(hidden, dim, 1, bias=False)
+
+    def forward(self, x, h, w):                                                 # x: (B, N, D)
+        x = x.transpose(1, 2).unflatten(2, (h, w))                               # (B, D, h, w)
+        x = self.conv_depth(F.silu(self.conv_inverted(x)))                        # (B, 2F, h, w)
+        a, g = x.chunk(2, dim=1)
+        x = self.conv_point(a * F.silu(g))                                        # (B, D, h, w)
+        return x.flatten(2).transpose(1, 2)                                       # (B, N, D)
+
+
+class SanaBlock(nn.Module):
+    """x += gate1 * LinAttn(mod(LN x)); x += CrossAttn(x, text) (no norm, no gate); x += gate2 * MixFFN(mod(LN x))."""
+
+    def __init__(self, cfg: SanaConfig):
+        super().__init__()
+        D = cfg.width
+        # per-block learned offsets added to the shared time modulation t6 (AdaLN-single)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D**0.5)
+        self.attn = LinearAttention(D, cfg.num_heads, cfg.qk_norm)
+        self.cross_attn = CrossAttention(D, cfg.cross_heads, cfg.cross_head_dim, cfg.qk_norm)
+        self.ff = MixFFN(D, cfg.mlp_ratio)
+
+    def forward(self, x, c, bias, t6, h, w):                # x: (B, N, D), t6: (B, 6, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + t6).chunk(6, dim=1)
+        x = x + gate1 * self.attn(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift1, scale1))
+        x = x + self.cross_attn(x, c, bias)
+        x = x + gate2 * self.ff(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift2, scale2), h, w)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Top model
+
+
+class Sana(nn.Module):
+    def __init__(self, cfg: SanaConfig):
+        super().__init__()
+        self.config = cfg
+        D, p = cfg.width, cfg.patch_size
+        assert cfg.cross_heads * cfg.cross_head_dim == D, "cross-attention inner width must equal the model width"
+        self.patch_embed = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
+        self.t_embedder = MLPEmbedder(256, D, nn.SiLU())
+        self.guidance_embedder = MLPEmbedder(256, D, nn.SiLU()) if cfg.guidance_embeds else None
+        self.t_block = nn.Linear(D, 6 * D)                 # shared AdaLN-single modulation, computed once
+        self.caption_proj = MLPEmbedder(cfg.caption_channels, D, nn.GELU(approximate="tanh"))
+        self.caption_norm = RMSNorm(D, eps=1e-5)
+        self.blocks = nn.ModuleList([SanaBlock(cfg) for _ in range(cfg.depth)])
+        self.final_scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
+        self.proj_out = nn.Linear(D, p * p * cfg.out_channels)
+        self.gradient_checkpointing = False
+
+    def forward(self, x, t, text, text_mask=None, pooled=None, guidance=None):
+        cfg, p = self.config, self.config.patch_size
+        B, _, H, W = x.shape
+        if H % p or W % p:
+            raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {p}; pick a resolution "
+                             f"that is a multiple of {p} latent pixels")
+        h, w = H // p, W // p
+        dtype = self.patch_embed.weight.dtype
+        x = self.patch_embed(x.to(dtype)).flatten(2).transpose(1, 2)          # (B, N=h*w, D)
+
+        # time: the checkpoint's timestep is time_scale * t (1000 t for SANA, t for Sprint teachers)
+        emb = self.t_embedder(timestep_features(cfg.time_scale * t.expand(B)).to(dtype))   # (B, D)
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("this checkpoint embeds the guidance scale: pass guidance=(B,) floats")
+            emb = emb + self.guidance_embedder(timestep_features(cfg.guidance_scale * guidance.expand(B)).to(dtype))
+        t6 = self.t_block(F.silu(emb)).view(B, 6, -1)                          # (B, 6, D)
+
+        c = self.caption_norm(self.caption_proj(text.to(dtype)))             # (B, L, D)
+        bias = None
+        if text_mask is not None:                                            # (B, L) -> additive (B, 1, 1, L)
+            bias = ((1 - text_mask.to(x.dtype)) * -10000.0)[:, None, None, :]
+
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, c, bias, t6, h, w, use_reentrant=False)
+            else:
+                x = block(x, c, bias, t6, h, w)
+
+        # final layer: modulated by the raw time embedding (no SiLU, no t_block)
+        shift, scale = (self.final_scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)
+        x = self.proj_out(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))  # (B, N, p*p*C)
+        x = x.view(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)              # (B, C, h, p, w, p)
+        # a fresh tensor, not a view: FSDP2 hooks the output, and an in-place op on a view would skip that hook
+        return x.reshape(B, -1, H, W).clone(memory_format=torch.contiguous_format)   # (B, C, H, W)
+
+
+def build_model(cfg):
+    """The module for a config; the one place a family's config picks its class."""
+    if isinstance(cfg, SanaConfig):
+        return Sana(cfg)
+    raise TypeError(f"no model for config type {type(cfg).__name__}")
+
+
+def config_to_dict(cfg):
+    return {"family": type(cfg).__name__, **asdict(cfg)}
+
+
+def config_from_dict(d):
+    d = dict(d)
+    family = d.pop("family")
+    classes = {"SanaConfig": SanaConfig}
+    if family not in classes:
+        raise ValueError(f"unknown model family {family!r} in checkpoint config; expected one of {list(classes)}")
+    return classes[family](**d)

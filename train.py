@@ -1,0 +1,354 @@
+"""
+SiD-DiT training: distil a flow-matching teacher into a 1-K step generator, data-free (prompts only).
+
+    python train.py --teacher tiny                                        # CPU, ~5 minutes
+    torchrun --standalone --nproc_per_node=2 train.py --teacher tiny      # same run on 2 ranks (gloo)
+    torchrun --standalone --nproc_per_node=8 train.py --teacher sana      # 8 GPUs (nccl), paper settings
+    python train.py --teacher tiny --out runs/tiny --resume               # continue runs/tiny/ckpt.pt exactly
+
+One loop for every teacher. Each iteration draws one k in 1..K (the same on every rank), then
+  1. fake-score update: regress the guided fake velocity onto eps - x_g for generator samples x_g;
+  2. generator update:  SiD loss between the guided teacher and fake-score x0 predictions.
+Generator and fake score start as copies of the teacher. With several ranks, all three nets are
+sharded with FSDP2 (`fully_shard`). Every random draw is made for the global batch from one
+seeded CPU generator and sliced per rank, so 1 rank and N ranks see the same samples and a resumed
+run continues bit-identically (test_train.py checks both).
+
+Flag defaults are the official SiD-DiT settings (apple/ml-sid-dit run_sid_dit.sh and README);
+a teacher may override a few of them to fit its size (`Teacher.train_defaults`: the tiny teacher
+uses a CPU-sized batch, lr and step count).
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import sid
+from model import config_to_dict
+from sample import save_grid, student_sample
+from teacher_loaders import load_teacher, read_prompts
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="SiD-DiT: score identity distillation of a flow-matching DiT")
+    # teacher and prompts
+    p.add_argument("--teacher", default="sana", help="tiny | sana | sana-600m-1024 | sana-1.6b-512 | sana-1.6b-1024 "
+                   "| a diffusers pipeline folder | a Hugging Face repo id")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: the teacher's list)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the teacher's)")
+    # SiD
+    p.add_argument("--num_steps", type=int, default=4, help="K: generator steps; each iteration trains step k~U{1..K}")
+    p.add_argument("--t_init", type=float, default=1.0, help="first generator time (official init_timestep 999/999)")
+    p.add_argument("--noise", default="fresh", choices=["fresh", "fixed", "ddim"], help="noise between generator steps")
+    p.add_argument("--alpha", type=float, default=1.0, help="SiD alpha (1.2 in the original SiD)")
+    p.add_argument("--weighting", default="1_minus_sigma", choices=sid.WEIGHTINGS, help="generator loss weight w(t)")
+    p.add_argument("--t_law", default="logit_normal", choices=["logit_normal", "uniform"], help="loss timestep law")
+    p.add_argument("--t_mean", type=float, default=math.log(2.0), help="logit-normal mean (ln 2)")
+    p.add_argument("--t_std", type=float, default=1.6, help="logit-normal std")
+    p.add_argument("--cfg_train_fake", type=float, default=4.5, help="kappa1: CFG of the fake score when training it")
+    p.add_argument("--cfg_eval_fake", type=float, default=4.5, help="kappa2: CFG of the fake score in the G loss")
+    p.add_argument("--cfg_eval_real", type=float, default=4.5, help="kappa4: CFG of the teacher in the G loss")
+    p.add_argument("--ls", type=float, default=1.0, help="fake-score loss scale")
+    p.add_argument("--lsg", type=float, default=100.0, help="generator loss scale")
+    # optimisation
+    p.add_argument("--batch", type=int, default=256, help="global batch (generator samples per update)")
+    p.add_argument("--micro_batch", type=int, default=None, help="per-rank micro-batch (default: batch / ranks)")
+    p.add_argument("--precision", default="amp", choices=["amp", "bf16", "fp32"],
+                   help="amp: fp32 weights + bf16 autocast; bf16: pure bf16 weights and Adam; fp32: no autocast")
+    p.add_argument("--lr", type=float, default=None, help="fake-score lr (default 1e-6 amp/fp32, 1e-5 bf16)")
+    p.add_argument("--glr", type=float, default=None, help="generator lr (default as --lr)")
+    p.add_argument("--adam_eps", type=float, default=None, help="Adam eps (default 1e-8 amp/fp32, 1e-4 bf16)")
+    p.add_argument("--max_steps", type=int, default=4000, help="iterations (4000 x 256 ~ 1M images, official)")
+    p.add_argument("--grad_checkpointing", type=int, default=1, help="activation checkpointing on G and fake")
+    # run
+    p.add_argument("--out", default=None, help="run folder (default runs/<teacher>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt exactly")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    p.add_argument("--sample_every", type=int, default=500, help="write sample grids every N steps (0: off)")
+    p.add_argument("--ckpt_every", type=int, default=500, help="write the checkpoint every N steps")
+    p.add_argument("--n_samples", type=int, default=8, help="prompts in each sample grid")
+    return p
+
+
+def parse_args(argv=None):
+    """Flags, with the teacher's own defaults (Teacher.train_defaults) applied under the user's flags."""
+    p = get_parser()
+    pre, _ = p.parse_known_args(argv)
+    teacher = load_teacher(pre.teacher)
+    p.set_defaults(**teacher.train_defaults)
+    args = p.parse_args(argv)
+    mode_lr, mode_eps = (1e-5, 1e-4) if args.precision == "bf16" else (1e-6, 1e-8)   # official README recipes
+    args.lr = args.lr if args.lr is not None else mode_lr
+    args.glr = args.glr if args.glr is not None else args.lr
+    args.adam_eps = args.adam_eps if args.adam_eps is not None else mode_eps
+    args.out = args.out or os.path.join("runs", os.path.basename(str(args.teacher).rstrip("/")))
+    return args, teacher
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers
+
+
+def shard(model):
+    """FSDP2: each block is its own unit (gathered just in time), then the root holds the rest."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def mean_over_ranks(x):
+    x = torch.as_tensor(x, dtype=torch.float64).clone()
+    if dist.is_initialized():
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x.item()
+
+
+def grad_norm(model):
+    n = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], float("inf"))
+    return (n.full_tensor() if hasattr(n, "full_tensor") else n).item()   # DTensor under FSDP2
+
+
+def check_finite(step, name, loss, gnorm, last_good):
+    """Stop rather than repair: the official code zeroes NaN grads and drops NaN samples silently."""
+    if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        raise FloatingPointError(f"non-finite {name} loss {loss} / grad norm {gnorm} at step {step}; nothing was "
+                                 f"saved; last good checkpoint: {last_good}; lower --lr/--glr or use --precision amp")
+
+
+def save_checkpoint(path, G, fake, opt_g, opt_f, state):
+    """Full fp32 states gathered to rank 0, written to a temp name then renamed (never half-written)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    ckpt = dict(state,
+                generator=get_model_state_dict(G, options=opts), fake=get_model_state_dict(fake, options=opts),
+                opt_g=get_optimizer_state_dict(G, opt_g, options=opts),
+                opt_f=get_optimizer_state_dict(fake, opt_f, options=opts))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        ckpt["generator"] = {k: v.float() for k, v in ckpt["generator"].items()}   # sample.py/eval use fp32
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(path, G, fake, opt_g, opt_f):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(G, ckpt["generator"], options=opts)
+        set_model_state_dict(fake, ckpt["fake"], options=opts)
+        set_optimizer_state_dict(G, opt_g, ckpt["opt_g"], options=opts)
+        set_optimizer_state_dict(fake, opt_f, ckpt["opt_f"], options=opts)
+    except Exception as e:
+        raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {str(e)[:200]}; it is corrupt or "
+                         f"from another teacher/config; pick another --out or drop --resume") from None
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(args, teacher):
+    # Setup distributed: torchrun sets RANK/WORLD_SIZE; plain `python train.py` is one process.
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False      # official: TF32 off, so fp32 means fp32
+        torch.backends.cudnn.allow_tf32 = False
+    master = rank == 0
+    log = tqdm.write if master else (lambda *a, **k: None)
+
+    # Setup the run: checks that must fail before anything is written.
+    micro = args.micro_batch or args.batch // world
+    if args.batch % (world * micro):
+        raise ValueError(f"--batch {args.batch} is not divisible by {world} ranks x --micro_batch {micro}; "
+                         f"use a multiple of {world * micro}")
+    rounds = args.batch // (world * micro)          # gradient-accumulation rounds per update
+    gb = world * micro                              # global samples drawn per round
+    shape = teacher.latent_shape(args.resolution)   # (C, h, w); errors name a valid resolution
+    prompts = read_prompts(args.prompts) if args.prompts else teacher.default_prompts
+    if not prompts:
+        raise ValueError("this teacher ships no prompt list; pass --prompts FILE")
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if args.resume and not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"--resume: {ckpt_path} does not exist; start without --resume or fix --out")
+    if not args.resume and os.path.exists(ckpt_path):
+        raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out "
+                         f"(a run never overwrites another run's checkpoint)")
+    if master:
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+
+    # Setup the three networks: frozen teacher, generator G and fake score, both copies of the teacher.
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    real = teacher.transformer.to(device, dtype).eval().requires_grad_(False)
+    G = copy.deepcopy(real).train().requires_grad_(True)
+    fake = copy.deepcopy(real).train().requires_grad_(True)
+    G.gradient_checkpointing = fake.gradient_checkpointing = bool(args.grad_checkpointing)
+    if distributed:
+        for net in (real, G, fake):
+            shard(net)
+    adam = dict(betas=(0.0, 0.999), eps=args.adam_eps)   # official: no first-moment momentum
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.glr, **adam)
+    opt_f = torch.optim.Adam(fake.parameters(), lr=args.lr, **adam)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "amp" else nullcontext())
+
+    # Setup randomness: one CPU generator, same seed on every rank; each draw covers the global
+    # round and every rank keeps its slice.
+    g = torch.Generator().manual_seed(args.seed)
+    mine = slice(rank * micro, (rank + 1) * micro)
+
+    def randn(like):
+        return torch.randn((gb, *like.shape[1:]), generator=g)[mine].to(like)
+
+    def draw():
+        idx = torch.randint(len(prompts), (gb,), generator=g)[mine].tolist()
+        z = torch.randn((gb, *shape), generator=g)[mine].to(device)
+        eps = torch.randn((gb, *shape), generator=g)[mine].to(device)
+        t = sid.sample_t(gb, args.t_law, args.t_mean, args.t_std, generator=g)[mine].to(device)
+        return encode(idx), z, eps, t
+
+    # Setup prompts: each distinct prompt is encoded once and kept on the CPU (the official code
+    # re-encodes every step); the empty prompt for CFG is encoded once.
+    cache = {}
+
+    def encode(idx):
+        new = [i for i in dict.fromkeys(idx) if i not in cache]
+        if new:
+            with autocast:
+                out = teacher.encode_prompts([prompts[i] for i in new])
+            for j, i in enumerate(new):
+                cache[i] = {k: v[j].cpu() for k, v in out.items()}
+        return {k: torch.stack([cache[i][k] for i in idx]).to(device, dtype if v.is_floating_point() else v.dtype)
+                for k, v in cache[idx[0]].items()}
+
+    with autocast:
+        empty = {k: v.to(device) for k, v in teacher.encode_prompts([""]).items()}
+    uncond = {k: v.expand(micro, *v.shape[1:]).to(dtype if v.is_floating_point() else v.dtype)
+              for k, v in empty.items()}
+    grid_prompts = prompts[::max(1, len(prompts) // args.n_samples)][:args.n_samples]
+    grid_z = torch.randn((len(grid_prompts), *shape), generator=torch.Generator().manual_seed(args.seed + 1))
+
+    step, metrics_path = 0, os.path.join(args.out, "metrics.jsonl")
+    if args.resume:
+        ck = load_checkpoint(ckpt_path, G, fake, opt_g, opt_f)
+        step = ck["step"]
+        g.set_state(ck["rng"])
+        log(f"resumed {ckpt_path} at step {step}")
+    last_good = f"{ckpt_path} (step {step})" if args.resume else "none yet"
+
+    def write_samples(tag):
+        cond = {k: v.to(device) for k, v in teacher.encode_prompts(grid_prompts).items()}
+        z = grid_z.to(device)
+        G.eval()
+        with autocast:
+            rows = [teacher.decode(student_sample(G, z, cond, k, args.num_steps, args.t_init, args.noise, args.seed))
+                    for k in sorted({1, args.num_steps})]
+        G.train()
+        if master:
+            save_grid(rows, os.path.join(args.out, "samples", f"{tag}.png"), scale=max(1, 128 // rows[0].shape[-1]))
+
+    def checkpoint_now():
+        save_checkpoint(ckpt_path, G, fake, opt_g, opt_f, dict(step=step, rng=g.get_state(), args=vars(args),
+                                                               config=config_to_dict(G.config)))
+        return f"{ckpt_path} (step {step})"
+
+    n_params = sum(p.numel() for p in real.parameters()) if not distributed else "sharded"
+    log(f"SiD-DiT: teacher {args.teacher} ({n_params} params), latent {tuple(shape)}, {len(prompts)} prompts, "
+        f"{world} rank(s) x {rounds} round(s) x {micro} = batch {args.batch}, {args.precision}, device {device}")
+    if master:
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    while step < args.max_steps:
+        t0 = time.time()
+        k = int(torch.randint(1, args.num_steps + 1, (1,), generator=g))   # same k on every rank and phase
+
+        # ---- 1. Fake-score update: flow matching on generator samples (G frozen) ----
+        G.requires_grad_(False)
+        fake.requires_grad_(True)
+        opt_f.zero_grad(set_to_none=True)
+        loss_f = 0.0
+        for r in range(rounds):
+            cond, z, eps, t = draw()
+            with torch.no_grad(), autocast:
+                x_g = sid.generate(G, z, cond, k, args.num_steps, args.t_init, args.noise, randn=randn)
+            x_t = sid.add_noise(x_g, eps, t)
+            with autocast:
+                v_fake = sid.cfg_velocity(fake, x_t, t, cond, uncond, args.cfg_train_fake)
+            loss = sid.fake_score_loss(v_fake, x_g, eps, args.ls) / rounds
+            if distributed:
+                fake.set_requires_gradient_sync(r == rounds - 1)   # reduce-scatter once per update
+            loss.backward()
+            loss_f += loss.item()
+        gnorm_f, loss_f = grad_norm(fake), mean_over_ranks(loss_f)
+        check_finite(step + 1, "fake score", loss_f, gnorm_f, last_good)
+        opt_f.step()
+
+        # ---- 2. Generator update: SiD loss, gradient through x_g and both nets' inputs ----
+        fake.requires_grad_(False)
+        G.requires_grad_(True)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g = 0.0
+        for r in range(rounds):
+            cond, z, eps, t = draw()
+            with autocast:
+                x_g = sid.generate(G, z, cond, k, args.num_steps, args.t_init, args.noise, grad=True, randn=randn)
+                x_t = sid.add_noise(x_g, eps, t)
+                x0_real = sid.x0_from_velocity(x_t, t, sid.cfg_velocity(real, x_t, t, cond, uncond, args.cfg_eval_real))
+                x0_fake = sid.x0_from_velocity(x_t, t, sid.cfg_velocity(fake, x_t, t, cond, uncond, args.cfg_eval_fake))
+            w = sid.loss_weight(args.weighting, t, x_g, x0_real)
+            loss = sid.generator_loss(x_g, x0_real, x0_fake, w, args.alpha, args.lsg) / rounds
+            if distributed:
+                G.set_requires_gradient_sync(r == rounds - 1)
+            loss.backward()
+            loss_g += loss.item()
+        gnorm_g, loss_g = grad_norm(G), mean_over_ranks(loss_g)
+        check_finite(step + 1, "generator", loss_g, gnorm_g, last_good)
+        opt_g.step()
+        step += 1
+
+        # ---- bookkeeping: one log line per step, metrics, sample grids, checkpoint ----
+        dt = time.time() - t0
+        rec = dict(step=step, k=k, loss_fake=loss_f, loss_gen=loss_g, gnorm_fake=gnorm_f, gnorm_gen=gnorm_g,
+                   img_per_s=args.batch / dt, sec=dt)
+        if master:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        log(f"step {step:5d} k={k} loss_fake {loss_f:9.3f} loss_gen {loss_g:9.4f} gnorm_fake {gnorm_f:8.3f} "
+            f"gnorm_gen {gnorm_g:8.3f} {rec['img_per_s']:6.1f} img/s")
+        bar.update(1)
+        if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
+            write_samples(f"step{step:06d}")
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            last_good = checkpoint_now()
+    bar.close()
+    log(f"done: {last_good}; samples in {os.path.join(args.out, 'samples')}")
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main(*parse_args())
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
