@@ -55,7 +55,8 @@ class SanaConfig:
     guidance_embeds: bool = False  # Sana-Sprint: embedded guidance added to the time embedding
     guidance_scale: float = 0.1    # Sprint embeds g * 0.1 (pipeline's guidance_embeds_scale)
     time_scale: float = 1000.0     # module input t in [0,1] -> checkpoint timestep time_scale * t
-    sample_size: int = 16          # native latent side (512px -> 16); informative only
+    sample_size: int = 16          # native latent side (512px -> 16); sets the sin-cos table's base grid
+    interpolation_scale: float | None = None   # None: no positional embedding (SANA 512/1024); else 2D sin-cos
 
     @property
     def width(self):
@@ -69,9 +70,11 @@ SANA_CONFIGS = {
     "Sana_1600M_1024px": SanaConfig(num_heads=70, depth=20, cross_heads=20, cross_head_dim=112, sample_size=32),
     "SANA1.5_1.6B_1024px": SanaConfig(num_heads=70, depth=20, cross_heads=20, cross_head_dim=112, sample_size=32,
                                       qk_norm=True),
-    # the embedded teacher (tiny.py): 48-channel pixel-unshuffled 32x32 RGB, 8-word prompts
+    # the embedded teacher (tiny.py): 48-channel pixel-unshuffled 32x32 RGB, 8-word prompts. It uses the
+    # sin-cos positional embedding of SANA's 2K/4K configs: on an 8x8 grid, learning "top left" from the
+    # convs' zero padding alone (SANA-512/1024's only position cue) is slow.
     "tiny": SanaConfig(in_channels=48, out_channels=48, num_heads=4, head_dim=32, depth=6, cross_heads=4,
-                       cross_head_dim=32, caption_channels=64, mlp_ratio=2.5, sample_size=8),
+                       cross_head_dim=32, caption_channels=64, mlp_ratio=2.5, sample_size=8, interpolation_scale=1.0),
 }
 
 
@@ -85,6 +88,19 @@ def timestep_features(t, dim=256, max_period=10000.0):
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]                                   # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)             # (B, dim)
+
+
+def sincos_pos_embed(dim, h, w, base_size, interpolation_scale):
+    """(h*w, dim) 2D sin-cos table in the PixArt/diffusers layout: first half encodes the column, second
+    the row; each half is [sin(p w_k), cos(p w_k)], w_k = 10000^(-k/(dim/4)), p = index * base / n / scale."""
+    def axis(pos, d):                                                         # (N,) -> (N, d)
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        out = pos.double()[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+    ys = torch.arange(h, dtype=torch.float32) / (h / base_size) / interpolation_scale
+    xs = torch.arange(w, dtype=torch.float32) / (w / base_size) / interpolation_scale
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")                            # (h, w) each
+    return torch.cat([axis(xx.flatten(), dim // 2), axis(yy.flatten(), dim // 2)], dim=1).float()
 
 
 def modulate(x, shift, scale):
@@ -265,6 +281,9 @@ class Sana(nn.Module):
         h, w = H // p, W // p
         dtype = self.patch_embed.weight.dtype
         x = self.patch_embed(x.to(dtype)).flatten(2).transpose(1, 2)          # (B, N=h*w, D)
+        if cfg.interpolation_scale is not None:
+            pe = sincos_pos_embed(x.shape[-1], h, w, cfg.sample_size // p, cfg.interpolation_scale)
+            x = (x + pe.to(x.device)).to(dtype)
 
         # time: the checkpoint's timestep is time_scale * t (1000 t for SANA, t for Sprint teachers)
         emb = self.t_embedder(timestep_features(cfg.time_scale * t.expand(B)).to(dtype))   # (B, D)

@@ -320,21 +320,18 @@ def sana_config_from_diffusers(d, path):
     if d.get("_class_name") != "SanaTransformer2DModel":
         raise ValueError(f"{path} describes a {d.get('_class_name')!r}, not a SanaTransformer2DModel; point at the "
                          f"`transformer/` folder of a SANA diffusers checkpoint (e.g. {SANA_REPOS['sana']})")
-    unsupported = [   # (option, value, why it is not supported and what to do)
-        ("interpolation_scale", None, "sincos positional embeddings (2K/4K SANA) are not in model.py; use a "
-                                      "512 or 1024 px checkpoint"),
+    only = [   # (option, the one value model.py implements, what a different value means)
         ("attention_bias", False, "self-attention q/k/v biases are not in model.py; use a released SANA checkpoint"),
-        ("norm_elementwise_affine", False, "affine block LayerNorms are not in model.py; use a released SANA checkpoint"),
+        ("norm_elementwise_affine", False, "affine block LayerNorms are not in model.py; use a released SANA "
+                                           "checkpoint"),
         ("norm_eps", 1e-6, "model.py's block LayerNorms use eps 1e-6; use a released SANA checkpoint"),
-        ("qk_norm", None, ""),
     ]
-    for option, default, why in unsupported:
-        value = d.get(option, default)
-        if option == "qk_norm" and value in (None, "rms_norm_across_heads"):
-            continue
-        if value != default:
-            why = why or "only 'rms_norm_across_heads' (SANA-1.5 / Sprint) is implemented"
-            raise ValueError(f"{path}: {option}={value!r} is not supported ({why})")
+    for option, value, why in only:
+        if d.get(option, value) != value:
+            raise ValueError(f"{path}: {option}={d[option]!r} is not supported ({why})")
+    if d.get("qk_norm") not in (None, "rms_norm_across_heads"):
+        raise ValueError(f"{path}: qk_norm={d['qk_norm']!r} is not supported (model.py implements only "
+                         f"'rms_norm_across_heads', the SANA-1.5 / Sprint one)")
     heads, head_dim = d.get("num_attention_heads", 70), d.get("attention_head_dim", 32)
     cross_dim = d.get("cross_attention_dim", 2240)
     if cross_dim is not None and cross_dim != heads * head_dim:
@@ -348,7 +345,7 @@ def sana_config_from_diffusers(d, path):
         caption_channels=d.get("caption_channels", 2304), mlp_ratio=d.get("mlp_ratio", 2.5),
         qk_norm=d.get("qk_norm") == "rms_norm_across_heads", guidance_embeds=bool(d.get("guidance_embeds", False)),
         guidance_scale=d.get("guidance_embeds_scale", 0.1), time_scale=_time_scale(path, d.get("timestep_scale", 1.0)),
-        sample_size=d.get("sample_size", 32))
+        sample_size=d.get("sample_size", 32), interpolation_scale=d.get("interpolation_scale"))
 
 
 def sana_config_from_original(state, path, cross_heads=None):
@@ -390,14 +387,15 @@ def pick_weights(names, variant=None, where="folder"):
             found.setdefault(m["variant"], []).append(name)
     if variant is None and None not in found and found:
         variant = min(found)                 # e.g. only diffusion_pytorch_model.bf16.safetensors is there
+    if not found:
+        raise FileNotFoundError(f"{where} has no safetensors weights; download the folder with its weights")
     if variant not in found:
-        raise FileNotFoundError(f"{where} has no {'' if variant is None else variant + ' '}safetensors weights "
-                                f"(found variants: {sorted(str(v) for v in found)}); download the weights or pass "
-                                f"variant= one of those")
+        raise FileNotFoundError(f"{where} has no {variant} safetensors weights; pass variant= one of "
+                                f"{sorted(str(v) for v in found)} (None: plain fp32)")
     return variant, sorted(found[variant])
 
 
-def read_diffusers_weights(folder, variant=None):
+def read_diffusers_weights(folder, variant=None, device="cpu"):
     """{name: tensor} of a diffusers model folder: single file, sharded (index .json), or a precision variant."""
     from safetensors import safe_open
     variant, files = pick_weights(os.listdir(folder), variant, folder)
@@ -410,7 +408,7 @@ def read_diffusers_weights(folder, variant=None):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weight file {path} (listed in {index[0]}) is missing; re-download the folder")
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="pt", device=str(device)) as f:   # straight to the GPU: no 8x host copies
             state.update({k: f.get_tensor(k) for k in f.keys()})
     return state
 
@@ -433,7 +431,7 @@ def load_transformer(path, variant=None, cross_heads=None, time_scale=None, devi
                                     f"(config.json + diffusion_pytorch_model*.safetensors) or an NVlabs .pth")
         with open(config_path) as f:
             cfg = sana_config_from_diffusers(json.load(f), config_path)
-        net = load_mapped(cfg, read_diffusers_weights(path, variant), DIFFUSERS_KEYS, path)
+        net = load_mapped(cfg, read_diffusers_weights(path, variant, device), DIFFUSERS_KEYS, path)
     elif os.path.isfile(path) and path.endswith((".pth", ".pt")):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
@@ -509,22 +507,27 @@ def gemma_prompt_encoder(tokenizer, encoder, instruction=COMPLEX_HUMAN_INSTRUCTI
 
 def download_pipeline(repo_id, variant=None):
     """Local folder of a HF diffusers pipeline repo; downloads (once, to the HF cache) only what a teacher needs:
-    model_index.json and transformer/ vae/ text_encoder/ tokenizer/ scheduler/, one weight variant each."""
+    model_index.json and transformer/ vae/ text_encoder/ tokenizer/ scheduler/, one weight variant each.
+    Offline (HF_HUB_OFFLINE=1 or no network), an earlier download from the cache is used."""
     from huggingface_hub import HfApi, snapshot_download
     try:
         files = HfApi().list_repo_files(repo_id)
-        wanted = ["model_index.json"]
-        for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
-            names = [f[len(part) + 1:] for f in files if f.startswith(part + "/") and f.count("/") == 1]
-            weights = [n for n in names if WEIGHT_FILE.match(n) or INDEX_FILE.match(n)]
-            wanted += [f"{part}/{n}" for n in names if n not in weights and not n.endswith((".bin", ".pth", ".ckpt"))]
-            if weights:
-                wanted += [f"{part}/{n}" for n in pick_weights(weights, variant if part == "transformer" else None,
-                                                               f"{repo_id}/{part}")[1]]
-        return snapshot_download(repo_id, allow_patterns=wanted)
-    except Exception as e:  # network, auth, unknown repo: all end the same way for the user
-        raise ValueError(f"could not download teacher {repo_id!r} ({type(e).__name__}: {str(e)[:200]}); check the "
-                         f"name, your network / `huggingface-cli login`, or pass a local pipeline folder") from None
+    except Exception as e:  # offline, unknown repo, no access: try the cache before giving up
+        try:
+            return snapshot_download(repo_id, local_files_only=True)
+        except Exception:
+            raise ValueError(f"could not download teacher {repo_id!r} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                             f"check the name, your network / `huggingface-cli login`, or pass a local pipeline "
+                             f"folder") from None
+    wanted = ["model_index.json"]
+    for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+        names = [f[len(part) + 1:] for f in files if f.startswith(part + "/") and f.count("/") == 1]
+        weights = [n for n in names if WEIGHT_FILE.match(n) or INDEX_FILE.match(n)]
+        wanted += [f"{part}/{n}" for n in names if n not in weights and not n.endswith((".bin", ".pth", ".ckpt"))]
+        if weights:
+            picked = pick_weights(weights, variant if part == "transformer" else None, f"{repo_id}/{part}")[1]
+            wanted += [f"{part}/{n}" for n in picked]
+    return snapshot_download(repo_id, allow_patterns=wanted)
 
 
 def _default_device():
@@ -558,10 +561,11 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
                                           variant=text_variant)   # eager: SDPA would drop Gemma-2's logit soft-cap
     encoder.to(device).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-    if vae.config.latent_channels != net.config.in_channels or encoder.config.hidden_size != net.config.caption_channels:
+    cfg = net.config
+    if vae.config.latent_channels != cfg.in_channels or encoder.config.hidden_size != cfg.caption_channels:
         raise ValueError(f"{folder}: the VAE ({vae.config.latent_channels} latent channels) or text encoder (width "
-                         f"{encoder.config.hidden_size}) does not fit the transformer (in {net.config.in_channels}, "
-                         f"caption {net.config.caption_channels}); the pipeline folder mixes models")
+                         f"{encoder.config.hidden_size}) does not fit the transformer (in {cfg.in_channels}, "
+                         f"caption {cfg.caption_channels}); the pipeline folder mixes models")
     shift = 3.0   # SANA's flow_shift at 512/1024 px; the scheduler config says so when present
     scheduler_config = os.path.join(folder, "scheduler", "scheduler_config.json")
     if os.path.isfile(scheduler_config):
@@ -581,7 +585,7 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
     return Teacher(
         name=name, transformer=net, encode_prompts=gemma_prompt_encoder(tokenizer, encoder), encode=encode,
         decode=decode, latent_channels=vae.config.latent_channels, vae_factor=factor,
-        resolution=net.config.sample_size * net.config.patch_size * factor,
+        resolution=cfg.sample_size * factor,                  # sample_size is the native latent side
         sampling=dict(steps=20, guidance=4.5, shift=shift),   # the SANA pipeline's defaults (DPM-Solver++ 2M there)
         train_defaults={},                                    # the paper's settings are train.py's defaults
         default_prompts=read_prompts(DEFAULT_PROMPTS),

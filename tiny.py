@@ -154,10 +154,11 @@ class TinyTextEncoder(nn.Module):
 
 
 def image_features(img):
-    """Per-image features (B, 9): centroid x, y, area, fill, drop, mean r, g, b of the shape, background level.
+    """Per-image features (B, 8): centroid x, y, area, fill, drop, mean r, g, b of the shape.
 
-    Coverage m in [0, 1] of each pixel = its distance from the background grey over the image's
-    largest distance, so anti-aliased edges count fractionally. Width and height are the sums of the
+    Coverage m in [0, 1] of each pixel comes from its distance d to the background grey, relative to
+    the image's largest distance: 0 below 20% of it (so generator noise on the background is not
+    shape), 1 above 80%, linear between (so anti-aliased edges count fractionally). Width and height are the sums of the
     column and row coverage profiles; fill = area / (width * height) is ~1 for a square, pi/4 for a
     circle, 1/2 for a triangle; drop = how far the mass centroid sits below the middle of the row
     profile, in heights (apex-up triangle ~1/6, circle and square 0).
@@ -165,7 +166,8 @@ def image_features(img):
     x = (img.float().clamp(-1, 1) + 1) / 2                                        # (B, 3, H, W) in [0, 1]
     B, _, H, W = x.shape
     d = (x - BACKGROUND).abs().amax(dim=1)                                         # (B, H, W)
-    m = (d / d.amax((1, 2), keepdim=True).clamp_min(0.2)).clamp(0, 1)             # coverage
+    rel = d / d.amax((1, 2), keepdim=True).clamp_min(0.2)
+    m = ((rel - 0.2) / 0.6).clamp(0, 1)                                           # coverage
     area = m.sum((1, 2)).clamp_min(1e-3)
     ys = torch.arange(H, dtype=torch.float32) + 0.5
     xs = torch.arange(W, dtype=torch.float32) + 0.5
@@ -176,8 +178,7 @@ def image_features(img):
     drop = (cy - mid_y) / height
     fg = (m > 0.5).float()[:, None]
     rgb = (x * fg).sum((2, 3)) / fg.sum((2, 3)).clamp_min(1)
-    bg = (x * (1 - fg)).sum((1, 2, 3)) / (3 * (1 - fg).sum((1, 2, 3)).clamp_min(1))
-    return torch.stack([cx, cy, area, area / (width * height), drop, rgb[:, 0], rgb[:, 1], rgb[:, 2], bg], dim=1)
+    return torch.stack([cx, cy, area, area / (width * height), drop, rgb[:, 0], rgb[:, 1], rgb[:, 2]], dim=1)
 
 
 def decode_attributes(feats):
@@ -219,7 +220,7 @@ def frechet_distance(f1, f2):
 
 
 # feature scales so that every feature counts about equally in the distance (std of each on the data)
-FEATURE_SCALE = torch.tensor([6.0, 6.0, 25.0, 0.17, 0.05, 0.3, 0.3, 0.3, 0.01])
+FEATURE_SCALE = torch.tensor([6.0, 6.0, 25.0, 0.17, 0.05, 0.3, 0.3, 0.3])
 
 
 def feature_distance(images, prompts, n_ref=None, seed=1234):

@@ -201,7 +201,8 @@ def main(args, teacher):
     real = teacher.transformer.to(device, dtype).eval().requires_grad_(False)
     G = copy.deepcopy(real).train().requires_grad_(True)
     fake = copy.deepcopy(real).train().requires_grad_(True)
-    G.gradient_checkpointing = fake.gradient_checkpointing = bool(args.grad_checkpointing)
+    # the teacher too: the generator loss backpropagates through its input, so its activations are kept
+    real.gradient_checkpointing = G.gradient_checkpointing = fake.gradient_checkpointing = bool(args.grad_checkpointing)
     if distributed:
         for net in (real, G, fake):
             shard(net)
