@@ -385,10 +385,14 @@ def pick_weights(names, variant=None, where="folder"):
         m = WEIGHT_FILE.match(name) or INDEX_FILE.match(name)
         if m:
             found.setdefault(m["variant"], []).append(name)
-    if variant is None and None not in found and found:
-        variant = min(found)                 # e.g. only diffusion_pytorch_model.bf16.safetensors is there
     if not found:
-        raise FileNotFoundError(f"{where} has no safetensors weights; download the folder with its weights")
+        raise FileNotFoundError(f"{where} has no safetensors weights (diffusion_pytorch_model.safetensors, its shards "
+                                f"or a precision variant); download the folder with its weights")
+    if variant is None and None not in found:
+        if len(found) > 1:
+            raise ValueError(f"{where} holds several weight variants {sorted(found)} and no plain fp32 file; pass "
+                             f"variant= one of them")
+        variant = next(iter(found))          # e.g. only diffusion_pytorch_model.bf16.safetensors is there
     if variant not in found:
         raise FileNotFoundError(f"{where} has no {variant} safetensors weights; pass variant= one of "
                                 f"{sorted(str(v) for v in found)} (None: plain fp32)")
@@ -408,9 +412,53 @@ def read_diffusers_weights(folder, variant=None, device="cpu"):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weight file {path} (listed in {index[0]}) is missing; re-download the folder")
-        with safe_open(path, framework="pt", device=str(device)) as f:   # straight to the GPU: no 8x host copies
+        try:
+            f = safe_open(path, framework="pt", device=str(device))   # straight to the GPU: no 8x host copies
+        except Exception as e:  # safetensors raises several types for truncated or foreign files
+            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                             f"re-download it") from None
+        with f:
             state.update({k: f.get_tensor(k) for k in f.keys()})
     return state
+
+
+def load_dcae(folder, device="cpu", dtype=torch.float32, variant=None):
+    """(vae.DCAE, scaling_factor) from a diffusers AutoencoderDC `vae/` folder (or a pipeline folder holding one).
+
+    Keys map through vae.KEY_RENAMES; every tensor is checked by name and shape against the module that
+    config.json describes. Frozen, eval mode. The teacher latent is x0 = encode(img) * scaling_factor.
+    """
+    from vae import DCAE, dcae_config_from_diffusers, diffusers_key, rename_diffusers_key
+    folder = str(folder)
+    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
+            os.path.join(folder, "vae", "config.json")):
+        folder = os.path.join(folder, "vae")
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} does not exist; pass the diffusers `vae/` folder of a SANA "
+                                f"pipeline (config.json + diffusion_pytorch_model.safetensors)")
+    with open(config_path) as f:
+        cfg = dcae_config_from_diffusers(json.load(f))
+    with torch.device("meta"):
+        model = DCAE(cfg)
+    expected = model.state_dict()
+    state = {}
+    for key, t in read_diffusers_weights(folder, variant, device).items():
+        ours = rename_diffusers_key(key)
+        if ours not in expected:
+            raise ValueError(f"{folder}: unexpected key {key!r}; these weights do not match config.json (use the "
+                             f"config.json saved with them)")
+        if t.shape != expected[ours].shape:
+            raise ValueError(f"{folder}: {key!r} has shape {tuple(t.shape)} but config.json implies "
+                             f"{tuple(expected[ours].shape)}; use the config.json saved with these weights")
+        state[ours] = t.to(dtype)
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise ValueError(f"{folder}: {len(missing)} weights missing from the checkpoint, first "
+                         f"{diffusers_key(missing[0])!r}; the weights do not match config.json, or the download is "
+                         f"incomplete: re-download the `vae/` folder")
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False), cfg.scaling_factor
 
 
 def load_transformer(path, variant=None, cross_heads=None, time_scale=None, device="cpu", dtype=torch.float32):
@@ -540,7 +588,6 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
     """A `Teacher` from a diffusers SANA pipeline folder (model_index.json, transformer/, vae/, text_encoder/,
     tokenizer/, scheduler/): our Sana + Gemma-2 through transformers + our DC-AE (vae.py)."""
     from transformers import AutoTokenizer, Gemma2Model
-    from vae import load_dcae
     folder = str(folder)
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise FileNotFoundError(f"{folder} has no model_index.json: it is not a diffusers pipeline folder; pass one "

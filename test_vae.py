@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vae
-from vae import DCAE, DCAE_CONFIGS, dcae_config_from_diffusers, diffusers_key, load_dcae, rename_diffusers_key
+from teacher_loaders import load_dcae
+from vae import DCAE, DCAE_CONFIGS, dcae_config_from_diffusers, diffusers_key, rename_diffusers_key
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderDC  # noqa: E402

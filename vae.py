@@ -8,7 +8,7 @@ channels, then three of EfficientViT blocks (multi-scale ReLU linear attention +
 512/1024/1024. Stages are joined by stride-2 Down / nearest-x2 Up convs whose residual shortcuts are
 parameter-free pixel-(un)shuffles, so most of the signal bypasses the convs.
 
-    vae, scaling = load_dcae("path/to/sana/vae")     # a diffusers `vae/` folder; returns (module, 0.41407)
+    vae, scaling = teacher_loaders.load_dcae("path/to/sana/vae")   # diffusers `vae/` folder -> (module, 0.41407)
     x0  = vae.encode(img) * scaling                  # img (B, 3, H, W) in [-1, 1] -> teacher latent
     img = vae.decode(x0 / scaling)                   # and back (no shift for DC-AE)
 
@@ -24,15 +24,11 @@ Difference from diffusers: the attention is computed in fp32 on both paths (diff
 quadratic path's matmuls in the input dtype); identical in fp32. No tiled encode/decode.
 """
 
-import glob
-import json
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
 
 # ----------------------------------------------------------------------------------------------
@@ -412,7 +408,6 @@ KEY_RENAMES = [
     (".conv_out.norm.", ".ffn.norm."),
     (".attn.to_qkv_multiscale.", ".attn.aggreg."),  # multi-scale q/k/v aggregation (original EfficientViT: `aggreg`)
 ]
-WEIGHTS_NAME = "diffusion_pytorch_model"
 
 
 def rename_diffusers_key(key):
@@ -426,78 +421,3 @@ def diffusers_key(key):
     for old, new in reversed(KEY_RENAMES):
         key = key.replace(new, old)
     return key
-
-
-def _find_weights(folder, variant):
-    """The .safetensors files holding the weights: single file, sharded index, or the only variant present."""
-    tag = f".{variant}" if variant else ""
-    single = os.path.join(folder, f"{WEIGHTS_NAME}{tag}.safetensors")
-    index = os.path.join(folder, f"{WEIGHTS_NAME}.safetensors.index{tag}.json")
-    if os.path.isfile(single):
-        return [single]
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(folder, s) for s in shards]
-    if variant is None:   # e.g. only diffusion_pytorch_model.bf16.safetensors was downloaded
-        singles = [p for p in glob.glob(os.path.join(folder, f"{WEIGHTS_NAME}.*.safetensors"))
-                   if "-of-" not in os.path.basename(p)]                # not a shard
-        indexes = glob.glob(os.path.join(folder, f"{WEIGHTS_NAME}.safetensors.index.*.json"))
-        variants = sorted({os.path.basename(p).split(".")[1] for p in singles}
-                          | {os.path.basename(p).split(".")[-2] for p in indexes})
-        if len(variants) == 1:
-            return _find_weights(folder, variants[0])
-        if len(variants) > 1:
-            raise ValueError(f"{folder} holds several weight variants {variants} and no plain "
-                             f"{WEIGHTS_NAME}.safetensors; pass variant= one of them")
-    raise FileNotFoundError(f"no {WEIGHTS_NAME}{tag}.safetensors (or sharded .index{tag}.json) in {folder}; "
-                            f"download the diffusers `vae/` folder with its weights")
-
-
-def load_dcae(folder, device="cpu", dtype=torch.float32, variant=None):
-    """(DCAE, scaling_factor) from a diffusers AutoencoderDC folder (config.json + safetensors), frozen, eval mode.
-
-    `folder` is the `vae/` folder itself or a pipeline folder containing one. Every tensor is checked by name
-    and shape against the module config.json describes; any mismatch is a one-line error naming the key.
-    """
-    folder = str(folder)
-    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
-            os.path.join(folder, "vae", "config.json")):
-        folder = os.path.join(folder, "vae")
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} does not exist; pass the diffusers `vae/` folder of a SANA "
-                                f"pipeline (config.json + diffusion_pytorch_model.safetensors)")
-    with open(config_path) as f:
-        cfg = dcae_config_from_diffusers(json.load(f))
-
-    with torch.device("meta"):
-        model = DCAE(cfg)
-    expected = model.state_dict()
-    state = {}
-    for path in _find_weights(folder, variant):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"weight shard {path} listed in the index is missing; re-download the folder")
-        try:
-            f = safe_open(path, framework="pt")
-        except Exception as e:  # safetensors raises several types for truncated or foreign files
-            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                             f"re-download it") from None
-        with f:
-            for key in f.keys():
-                ours = rename_diffusers_key(key)
-                if ours not in expected:
-                    raise ValueError(f"{path}: unexpected key {key!r}; these weights do not match config.json "
-                                     f"(use the config.json saved with them)")
-                t = f.get_tensor(key)
-                if t.shape != expected[ours].shape:
-                    raise ValueError(f"{path}: {key!r} has shape {tuple(t.shape)} but config.json implies "
-                                     f"{tuple(expected[ours].shape)}; use the config.json saved with these weights")
-                state[ours] = t.to(device=device, dtype=dtype)
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ValueError(f"{folder}: {len(missing)} weights missing from the checkpoint, first "
-                         f"{diffusers_key(missing[0])!r}; the weights do not match config.json, or the download is "
-                         f"incomplete: re-download the `vae/` folder")
-    model.load_state_dict(state, assign=True)
-    return model.eval().requires_grad_(False), cfg.scaling_factor
