@@ -134,7 +134,8 @@ def load_tiny_teacher(path, device="cpu"):
         latent_channels=cfg.in_channels, vae_factor=tiny.LATENT_FACTOR, resolution=tiny.IMAGE_SIZE,
         sampling=dict(steps=32, guidance=4.5, shift=1.0),
         # CPU-sized run of the paper's recipe: same losses, guidance, Adam betas; bigger lr, smaller batch
-        train_defaults=dict(batch=32, lr=2e-5, glr=2e-5, max_steps=600, sample_every=200, ckpt_every=200),
+        train_defaults=dict(batch=32, lr=1e-4, glr=1e-4, max_steps=300, sample_every=100, ckpt_every=100,
+                            grad_checkpointing=0),
         default_prompts=list(tiny.ALL_PROMPTS),
     )
 

@@ -173,7 +173,7 @@ def image_features(img):
     xs = torch.arange(W, dtype=torch.float32) + 0.5
     cx, cy = (m.sum(1) * xs).sum(1) / area, (m.sum(2) * ys).sum(1) / area
     rows, cols = m.amax(2), m.amax(1)                                              # (B, H), (B, W) profiles
-    height, width = rows.sum(1).clamp_min(1e-3), cols.sum(1).clamp_min(1e-3)
+    height, width = rows.sum(1).clamp_min(1), cols.sum(1).clamp_min(1)          # >= 1 px: blank images stay finite
     mid_y = (rows * ys).sum(1) / height
     drop = (cy - mid_y) / height
     fg = (m > 0.5).float()[:, None]
