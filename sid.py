@@ -79,7 +79,7 @@ def diffusion_to_flow(x_s, alpha, sigma):
     denoiser E[x0 | x_s] equals the flow denoiser E[x0 | x_t] at that t (SiD-DiT, Sec. 3).
     """
     alpha, sigma = bcast(alpha, x_s), bcast(sigma, x_s)
-    return x_s / (alpha + sigma), (sigma / (alpha + sigma)).flatten()
+    return x_s / (alpha + sigma), (sigma / (alpha + sigma)).flatten().expand(x_s.shape[0])   # t: (B,)
 
 
 def x0_from_eps_pred(x_s, alpha, sigma, eps_hat):
