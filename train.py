@@ -202,7 +202,8 @@ def main(args, teacher):
     G = copy.deepcopy(real).train().requires_grad_(True)
     fake = copy.deepcopy(real).train().requires_grad_(True)
     # the teacher too: the generator loss backpropagates through its input, so its activations are kept
-    real.gradient_checkpointing = G.gradient_checkpointing = fake.gradient_checkpointing = bool(args.grad_checkpointing)
+    for net in (real, G, fake):
+        net.gradient_checkpointing = bool(args.grad_checkpointing)
     if distributed:
         for net in (real, G, fake):
             shard(net)
@@ -230,6 +231,9 @@ def main(args, teacher):
     # re-encodes every step); the empty prompt for CFG is encoded once.
     cache = {}
 
+    def on_device(v):   # features in the networks' dtype; masks keep theirs
+        return v.to(device, dtype if v.is_floating_point() else v.dtype)
+
     def encode(idx):
         new = [i for i in dict.fromkeys(idx) if i not in cache]
         if new:
@@ -237,13 +241,11 @@ def main(args, teacher):
                 out = teacher.encode_prompts([prompts[i] for i in new])
             for j, i in enumerate(new):
                 cache[i] = {k: v[j].cpu() for k, v in out.items()}
-        return {k: torch.stack([cache[i][k] for i in idx]).to(device, dtype if v.is_floating_point() else v.dtype)
-                for k, v in cache[idx[0]].items()}
+        return {k: on_device(torch.stack([cache[i][k] for i in idx])) for k in cache[idx[0]]}
 
     with autocast:
-        empty = {k: v.to(device) for k, v in teacher.encode_prompts([""]).items()}
-    uncond = {k: v.expand(micro, *v.shape[1:]).to(dtype if v.is_floating_point() else v.dtype)
-              for k, v in empty.items()}
+        empty = teacher.encode_prompts([""])
+    uncond = {k: on_device(v.expand(micro, *v.shape[1:])) for k, v in empty.items()}
     grid_prompts = prompts[::max(1, len(prompts) // args.n_samples)][:args.n_samples]
     grid_z = torch.randn((len(grid_prompts), *shape), generator=torch.Generator().manual_seed(args.seed + 1))
 
