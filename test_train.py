@@ -97,12 +97,16 @@ def test_two_ranks_match_one_rank(tmp_path):
         assert r1["k"] == r2["k"]
         assert r1["loss_fake"] == pytest.approx(r2["loss_fake"], rel=1e-4)
         assert r1["loss_gen"] == pytest.approx(r2["loss_gen"], rel=1e-3, abs=1e-3)
-    c1, c2 = ckpt(one), ckpt(two)
-    worst = max(((c1["generator"][n] - c2["generator"][n]).abs().max() / c1["generator"][n].abs().max().clamp_min(1e-8)
-                 ).item() for n in c1["generator"])
-    moved = max((c1["generator"][n] - ckpt_teacher()[n]).abs().max().item() for n in c1["generator"])
-    print(f"max relative weight difference 1 vs 2 ranks: {worst:.2e}; max weight change in training: {moved:.2e}")
-    assert moved > 1e-7 and worst < 1e-4
+    # Weights: compare the updates (trained - teacher). Adam with beta1 = 0 makes early steps ~lr * sign(g), so a
+    # gradient entry at rounding level may flip sign between rank counts and move by 2 lr; those must stay rare.
+    c1, c2, w0 = ckpt(one), ckpt(two), ckpt_teacher()
+    for net in ("generator", "fake"):
+        d1 = torch.cat([(c1[net][k] - w0[k]).flatten() for k in w0])
+        d2 = torch.cat([(c2[net][k] - w0[k]).flatten() for k in w0])
+        cos = torch.nn.functional.cosine_similarity(d1, d2, dim=0).item()
+        flipped = ((d1 - d2).abs() > 1e-6).float().mean().item()
+        print(f"{net}: update norm {d1.norm():.3e}, cosine 1 vs 2 ranks {cos:.6f}, entries that differ {flipped:.2e}")
+        assert d1.norm() > 1e-4 and cos > 0.999 and flipped < 5e-3
 
 
 def ckpt_teacher():

@@ -279,7 +279,7 @@ def main(args, teacher):
     if master:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-    bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True)
+    bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, file=sys.stdout)
     while step < args.max_steps:
         t0 = time.time()
         k = int(torch.randint(1, args.num_steps + 1, (1,), generator=g))   # same k on every rank and phase
