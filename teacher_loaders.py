@@ -423,6 +423,19 @@ def read_diffusers_weights(folder, variant=None, device="cpu"):
     return state
 
 
+def read_model_config(folder, sub, what):
+    """(model folder, config.json dict): `folder` itself, or its `sub/` when given a pipeline folder."""
+    folder = str(folder)
+    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
+            os.path.join(folder, sub, "config.json")):
+        folder = os.path.join(folder, sub)
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} does not exist; pass {what}")
+    with open(config_path) as f:
+        return folder, json.load(f)
+
+
 def load_dcae(folder, device="cpu", dtype=torch.float32, variant=None):
     """(vae.DCAE, scaling_factor) from a diffusers AutoencoderDC `vae/` folder (or a pipeline folder holding one).
 
@@ -430,16 +443,9 @@ def load_dcae(folder, device="cpu", dtype=torch.float32, variant=None):
     config.json describes. Frozen, eval mode. The teacher latent is x0 = encode(img) * scaling_factor.
     """
     from vae import DCAE, dcae_config_from_diffusers, diffusers_key, rename_diffusers_key
-    folder = str(folder)
-    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
-            os.path.join(folder, "vae", "config.json")):
-        folder = os.path.join(folder, "vae")
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} does not exist; pass the diffusers `vae/` folder of a SANA "
-                                f"pipeline (config.json + diffusion_pytorch_model.safetensors)")
-    with open(config_path) as f:
-        cfg = dcae_config_from_diffusers(json.load(f))
+    folder, config = read_model_config(folder, "vae", "the diffusers `vae/` folder of a SANA pipeline "
+                                                      "(config.json + diffusion_pytorch_model.safetensors)")
+    cfg = dcae_config_from_diffusers(config)
     with torch.device("meta"):
         model = DCAE(cfg)
     expected = model.state_dict()
@@ -472,14 +478,9 @@ def load_transformer(path, variant=None, cross_heads=None, time_scale=None, devi
     """
     path = str(path)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "transformer")):
-            path = os.path.join(path, "transformer")
-        config_path = os.path.join(path, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} does not exist; pass a diffusers `transformer/` folder "
-                                    f"(config.json + diffusion_pytorch_model*.safetensors) or an NVlabs .pth")
-        with open(config_path) as f:
-            cfg = sana_config_from_diffusers(json.load(f), config_path)
+        path, config = read_model_config(path, "transformer", "a diffusers `transformer/` folder (config.json + "
+                                                              "diffusion_pytorch_model*.safetensors) or an NVlabs .pth")
+        cfg = sana_config_from_diffusers(config, os.path.join(path, "config.json"))
         net = load_mapped(cfg, read_diffusers_weights(path, variant, device), DIFFUSERS_KEYS, path)
     elif os.path.isfile(path) and path.endswith((".pth", ".pt")):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -35,15 +35,6 @@ TINY = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head
             sample_size=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and 100x faster than on two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomise(module, seed):
     """Every parameter random: weights N(0, 0.15), norm weights 1 + N(0, 0.1) (defaults hide chunk-order bugs)."""
     g = torch.Generator().manual_seed(seed)

@@ -83,15 +83,6 @@ def compare(name, ours, ref):
     assert err <= 1e-4 * scale, f"{name}: max error {err:.3e} > 1e-4 * {scale:.3e}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convs are all overhead; one thread is ~10x faster than several on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The reference model and its folders: plain, sharded, bf16-variant-only (single file and sharded)."""
