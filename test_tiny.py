@@ -7,6 +7,7 @@ on images whose answer we know.
 """
 
 import torch
+import torch.nn.functional as F
 
 import tiny
 from teacher_loaders import load_teacher
@@ -47,6 +48,28 @@ def test_adherence_is_one_on_data_and_zero_on_the_wrong_prompt():
     assert tiny.image_features(blank_img).abs().max() < 100        # no division blow-up on an empty image
     print(f"adherence: data {right:.4f}, one attribute changed {mislabelled:.4f}, blank images {blank:.4f}")
     assert right == 1.0 and mislabelled == 0.0 and blank == 0.0
+
+
+def gaussian_blur(img, sigma):
+    k = torch.arange(-3, 4, dtype=torch.float32)
+    k = torch.exp(-k**2 / (2 * sigma**2))
+    k = (k / k.sum()).repeat(3, 1, 1, 1)                                          # (3, 1, 1, 7) per channel
+    img = F.conv2d(F.pad(img, (3, 3, 0, 0), mode="replicate"), k, groups=3)
+    return F.conv2d(F.pad(img, (0, 0, 3, 3), mode="replicate"), k.transpose(2, 3), groups=3)
+
+
+def test_shape_decoder_survives_soft_edges():
+    """A generator's soft, ragged edges must not change the shape read: data blurred (sigma 0.6 px) and
+    noised (std 0.1) still decodes to its own shape. A threshold on fill (~1 square, pi/4 circle) fails
+    here: ragged edges widen the row and column profiles, so squares read as circles."""
+    img, prompts = data(1500, seed=5)
+    soft = gaussian_blur(img, 0.6) + 0.1 * torch.randn(img.shape, generator=torch.Generator().manual_seed(6))
+    want = torch.tensor([tiny.SHAPES.index(tiny.parse_prompt(p)[1]) for p in prompts])
+    got = tiny.decode_shape(soft)
+    per_shape = {s: (got[want == k] == k).float().mean().item() for k, s in enumerate(tiny.SHAPES)}
+    adherence = tiny.prompt_adherence(soft, prompts)
+    print(f"blurred, noised data: shape accuracy {per_shape}, adherence {adherence:.4f}")
+    assert min(per_shape.values()) > 0.98 and adherence > 0.98
 
 
 def test_feature_distance_floor_and_sensitivity():

@@ -69,15 +69,14 @@ def parse_prompt(prompt):
     return color[0], shape[0], place[0]
 
 
-def render(prompts, generator=None, supersample=4):
-    """Images (B, 3, 32, 32) in [-1, 1] drawn from the data law given each prompt."""
-    B, S = len(prompts), supersample
-    attrs = [parse_prompt(p) for p in prompts]
-    rnd = torch.rand(B, 5, generator=generator)
-    radius = SIZE_RANGE[0] + (SIZE_RANGE[1] - SIZE_RANGE[0]) * rnd[:, 0]
-    centre = torch.tensor([PLACES[a[2]] for a in attrs]) + JITTER * (2 * rnd[:, 1:3] - 1)     # (B, 2)
-    bright = BRIGHTNESS[0] + (BRIGHTNESS[1] - BRIGHTNESS[0]) * rnd[:, 3]
-    color = torch.tensor([COLORS[a[0]] for a in attrs]) * bright[:, None]                      # (B, 3)
+# Shape geometry, in units of the "radius" r. The decoder below uses the same masks and areas.
+SHAPE_AREA = {"circle": math.pi, "square": 1.7 ** 2, "triangle": 1.8}   # area / r^2
+TRIANGLE_CENTROID = 0.2                                                  # centroid sits 0.2 r below the centre
+
+
+def shape_masks(kind, centre, radius, supersample=4):
+    """Anti-aliased coverage (B, 32, 32) in [0, 1] of shapes kind[b] in {0: circle, 1: square, 2: triangle}."""
+    S = supersample
     # pixel-centre coordinates on a supersampled grid, relative to each shape's centre
     coords = (torch.arange(IMAGE_SIZE * S, dtype=torch.float32) + 0.5) / S
     dx = coords[None, None, :] - centre[:, 0, None, None]                                      # (B, 1, W)
@@ -87,9 +86,20 @@ def render(prompts, generator=None, supersample=4):
     square = (dx.abs() <= 0.85 * r) & (dy.abs() <= 0.85 * r)
     # upward triangle: apex at dy = -r, base at dy = +0.8 r, half-width r at the base
     triangle = (dy >= -r) & (dy <= 0.8 * r) & (dx.abs() <= (dy + r) / 1.8)
-    kind = torch.tensor([SHAPES.index(a[1]) for a in attrs])[:, None, None]
+    kind = kind[:, None, None]
     mask = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle)).float()   # (B, H*S, W*S)
-    mask = F.avg_pool2d(mask[:, None], S)                                                      # (B, 1, 32, 32)
+    return F.avg_pool2d(mask[:, None], S)[:, 0]                                               # (B, 32, 32)
+
+
+def render(prompts, generator=None):
+    """Images (B, 3, 32, 32) in [-1, 1] drawn from the data law given each prompt."""
+    attrs = [parse_prompt(p) for p in prompts]
+    rnd = torch.rand(len(prompts), 5, generator=generator)
+    radius = SIZE_RANGE[0] + (SIZE_RANGE[1] - SIZE_RANGE[0]) * rnd[:, 0]
+    centre = torch.tensor([PLACES[a[2]] for a in attrs]) + JITTER * (2 * rnd[:, 1:3] - 1)     # (B, 2)
+    bright = BRIGHTNESS[0] + (BRIGHTNESS[1] - BRIGHTNESS[0]) * rnd[:, 3]
+    color = torch.tensor([COLORS[a[0]] for a in attrs]) * bright[:, None]                      # (B, 3)
+    mask = shape_masks(torch.tensor([SHAPES.index(a[1]) for a in attrs]), centre, radius)[:, None]
     img = BACKGROUND + mask * (color[:, :, None, None] - BACKGROUND)
     return img * 2 - 1
 
@@ -153,21 +163,30 @@ class TinyTextEncoder(nn.Module):
 # Exact metrics
 
 
+def coverage(img):
+    """How much of each pixel (B, 32, 32) the shape covers, in [0, 1], read off an image (B, 3, 32, 32).
+
+    Each pixel's distance d to the background grey, relative to the image's largest distance: 0 below
+    20% of it (so generator noise on the background is not shape), 1 above 80%, linear between (so
+    anti-aliased edges count fractionally).
+    """
+    x = (img.float().clamp(-1, 1) + 1) / 2                                        # (B, 3, H, W) in [0, 1]
+    d = (x - BACKGROUND).abs().amax(dim=1)                                         # (B, H, W)
+    rel = d / d.amax((1, 2), keepdim=True).clamp_min(0.2)
+    return ((rel - 0.2) / 0.6).clamp(0, 1)
+
+
 def image_features(img):
     """Per-image features (B, 8): centroid x, y, area, fill, drop, mean r, g, b of the shape.
 
-    Coverage m in [0, 1] of each pixel comes from its distance d to the background grey, relative to
-    the image's largest distance: 0 below 20% of it (so generator noise on the background is not
-    shape), 1 above 80%, linear between (so anti-aliased edges count fractionally). Width and height are the sums of the
-    column and row coverage profiles; fill = area / (width * height) is ~1 for a square, pi/4 for a
-    circle, 1/2 for a triangle; drop = how far the mass centroid sits below the middle of the row
-    profile, in heights (apex-up triangle ~1/6, circle and square 0).
+    From the coverage m: width and height are the sums of the column and row coverage profiles;
+    fill = area / (width * height) is ~1 for a square, pi/4 for a circle, 1/2 for a triangle; drop = how
+    far the mass centroid sits below the middle of the row profile, in heights (apex-up triangle ~1/6,
+    circle and square 0).
     """
     x = (img.float().clamp(-1, 1) + 1) / 2                                        # (B, 3, H, W) in [0, 1]
     B, _, H, W = x.shape
-    d = (x - BACKGROUND).abs().amax(dim=1)                                         # (B, H, W)
-    rel = d / d.amax((1, 2), keepdim=True).clamp_min(0.2)
-    m = ((rel - 0.2) / 0.6).clamp(0, 1)                                           # coverage
+    m = coverage(img)
     area = m.sum((1, 2)).clamp_min(1e-3)
     ys = torch.arange(H, dtype=torch.float32) + 0.5
     xs = torch.arange(W, dtype=torch.float32) + 0.5
@@ -181,24 +200,45 @@ def image_features(img):
     return torch.stack([cx, cy, area, area / (width * height), drop, rgb[:, 0], rgb[:, 1], rgb[:, 2]], dim=1)
 
 
-def decode_attributes(feats):
-    """The (color, shape, place) an image shows, read off its features by nearest prototype."""
+def decode_shape(img):
+    """Which shape (B,) in {0: circle, 1: square, 2: triangle} best explains each image's coverage.
+
+    Maximum likelihood under the data law: each candidate is rendered by shape_masks with the image's
+    area and centroid (which fix its size and position), and the one with the least squared error to
+    the coverage wins. Blur, which a generator's soft edges amount to, costs every candidate about
+    equally along the edges, so only the corners and the apex decide; a fixed threshold on fill would
+    read soft-cornered squares as circles (test_tiny checks blurred data decodes right).
+    """
+    m = coverage(img)
+    feats = image_features(img)
+    cx, cy, area = feats[:, 0], feats[:, 1], feats[:, 2]
+    errors = []
+    for k, name in enumerate(SHAPES):
+        r = (area / SHAPE_AREA[name]).sqrt()
+        centre = torch.stack([cx, cy - (TRIANGLE_CENTROID * r if name == "triangle" else 0)], dim=1)
+        fit = shape_masks(torch.full_like(r, k, dtype=torch.long), centre, r)
+        errors.append((fit - m).square().sum((1, 2)))
+    return torch.stack(errors, dim=1).argmin(1)
+
+
+def decode_attributes(img):
+    """The (color, shape, place) an image shows, and whether it shows nothing: colour and place by
+    nearest prototype of the mean shape colour and the centroid, shape by decode_shape."""
+    feats = image_features(img)
     cols = torch.tensor(list(COLORS.values()))                                   # (6, 3)
     rgb = feats[:, 5:8]
     rgb_n = rgb / rgb.amax(1, keepdim=True).clamp_min(1e-3)                      # brightness-invariant hue
     cols_n = cols / cols.amax(1, keepdim=True)
     color = (rgb_n[:, None] - cols_n[None]).norm(dim=2).argmin(1)
-    fill, drop = feats[:, 3], feats[:, 4]
-    shape = torch.where(drop > 0.07, 2, torch.where(fill > 0.9, 1, 0))          # triangle, square, circle
     places = torch.tensor(list(PLACES.values()))
     place = (feats[:, None, 0:2] - places[None]).norm(dim=2).argmin(1)
     empty = feats[:, 2] < 10                                                     # no shape drawn at all
-    return color, shape, place, empty
+    return color, decode_shape(img), place, empty
 
 
 def prompt_adherence(images, prompts):
     """Fraction of images whose decoded colour, shape and place all equal the prompt's."""
-    c, s, p, empty = decode_attributes(image_features(images))
+    c, s, p, empty = decode_attributes(images)
     want = [parse_prompt(q) for q in prompts]
     wc = torch.tensor([list(COLORS).index(a[0]) for a in want])
     ws = torch.tensor([SHAPES.index(a[1]) for a in want])
