@@ -10,7 +10,7 @@ computable because the data generator is known (tiny.py):
     python bench.py --ckpt runs/tiny/ckpt.pt --per_prompt 4   # quicker, noisier
 
 Rows: the data itself, the teacher (Euler, its CFG and shift) at 1, 2, 4, 8, 32 steps, the student
-at 1, 2, 4 steps; same prompts and initial noise for every row. Prints a markdown table and writes
+at 1, 2, 4 steps (its EMA weights, then the raw generator, when the run kept an EMA); same prompts and initial noise for every row. Prints a markdown table and writes
 bench.json next to the checkpoint.
 """
 
@@ -34,7 +34,12 @@ def in_chunks(fn, n, chunk):
 def main(args):
     torch.manual_seed(0)
     teacher = load_teacher("tiny")
-    G, ck = load_student(args.ckpt) if args.ckpt else (None, {})
+    students = []   # (label, generator): the EMA if the run kept one, and the raw generator
+    if args.ckpt:
+        G, ck = load_student(args.ckpt, ema=False)
+        if ck.get("ema_halflife_kimg", 0) > 0:
+            students.append((f"student (EMA {ck['ema_halflife_kimg']:g} kimg)", load_student(args.ckpt)[0]))
+        students.append(("student", G))
     prompts = [p for p in tiny.ALL_PROMPTS for _ in range(args.per_prompt)]
     n = len(prompts)
     C, h, w = teacher.latent_shape()
@@ -51,11 +56,10 @@ def main(args):
     for steps in args.teacher_steps:
         rows.append((f"teacher, {steps} Euler steps, CFG {guidance}", 2 * steps, lambda sl, k=steps: teacher.decode(
             teacher_sample(teacher.transformer, z[sl], sub(cond, sl), sub(uncond, sl), k, guidance, s["shift"]))))
-    if G is not None:
-        K = ck["num_steps"]
+    for label, G in students:
         for k in args.student_steps:
-            rows.append((f"student, {k} step{'s' * (k > 1)}", k, lambda sl, k=k: teacher.decode(
-                student_sample(G, z[sl], sub(cond, sl), k, K, ck["t_init"], ck["noise"], args.seed + sl.start))))
+            rows.append((f"{label}, {k} step{'s' * (k > 1)}", k, lambda sl, k=k, G=G: teacher.decode(student_sample(
+                G, z[sl], sub(cond, sl), k, ck["num_steps"], ck["t_init"], ck["noise"], args.seed + sl.start))))
 
     results = []
     print(f"{n} images ({args.per_prompt} per prompt x {len(tiny.ALL_PROMPTS)} prompts); FD reference: fresh data")

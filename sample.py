@@ -66,14 +66,15 @@ def save_grid(rows, path, scale=1):
     os.replace(tmp, path)
 
 
-def load_student(ckpt_path, device="cpu"):
-    """(generator module, checkpoint args) from a train.py checkpoint."""
+def load_student(ckpt_path, device="cpu", ema=True):
+    """(generator module, checkpoint args) from a train.py checkpoint: its EMA weights if it has them
+    (train.py --ema_halflife_kimg > 0) and ema is True, else the raw generator."""
     if not os.path.isfile(ckpt_path):
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist; pass the ckpt.pt that train.py wrote")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         G = build_model(config_from_dict(ckpt["config"]))
-        G.load_state_dict(ckpt["generator"])
+        G.load_state_dict(ckpt["ema"] if ema and "ema" in ckpt else ckpt["generator"])
     except Exception as e:
         raise ValueError(f"checkpoint {ckpt_path} is corrupt or not a train.py checkpoint "
                          f"({type(e).__name__}: {str(e)[:200]}); use another checkpoint") from None
@@ -82,7 +83,7 @@ def load_student(ckpt_path, device="cpu"):
 
 def main(args):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    G, ck = (load_student(args.ckpt, device) if args.ckpt else (None, {}))
+    G, ck = (load_student(args.ckpt, device, ema=not args.raw) if args.ckpt else (None, {}))
     teacher = load_teacher(args.teacher or ck.get("teacher", "tiny"), device)
     prompts = read_prompts(args.prompts) if args.prompts else teacher.default_prompts[::max(1, len(
         teacher.default_prompts) // args.n)][:args.n]
@@ -122,6 +123,7 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, shared by every row")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--scale", type=int, default=1, help="nearest-neighbour upscale of the PNG (tiny images)")
+    p.add_argument("--raw", action="store_true", help="the raw generator, not its EMA (when the run kept one)")
     p.add_argument("--out", default="samples.png", help="output PNG")
     try:
         main(p.parse_args())

@@ -63,18 +63,19 @@ def test_smoke_one_rank_writes_everything(tmp_path):
 
 
 def test_resume_is_bit_identical(tmp_path):
-    """4 steps in one go == 2 steps, stop, --resume for 2 more: same losses, same weights, same Adam state."""
+    """4 steps in one go == 2 steps, stop, --resume for 2 more: same losses, weights, EMA and Adam state."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    run(["--teacher", "tiny", "--out", a, "--max_steps", "4", "--precision", "amp"] + FAST)
-    run(["--teacher", "tiny", "--out", b, "--max_steps", "2", "--precision", "amp"] + FAST)
-    run(["--teacher", "tiny", "--out", b, "--max_steps", "4", "--precision", "amp", "--resume"] + FAST)
+    ema = ["--ema_halflife_kimg", "0.05"]
+    run(["--teacher", "tiny", "--out", a, "--max_steps", "4", "--precision", "amp"] + ema + FAST)
+    run(["--teacher", "tiny", "--out", b, "--max_steps", "2", "--precision", "amp"] + ema + FAST)
+    run(["--teacher", "tiny", "--out", b, "--max_steps", "4", "--precision", "amp", "--resume"] + ema + FAST)
     ma, mb = metrics(a), metrics(b)
     print("straight:", [(r["loss_fake"], r["loss_gen"]) for r in ma])
     print("resumed: ", [(r["loss_fake"], r["loss_gen"]) for r in mb])
     for ra, rb in zip(ma, mb):
         assert (ra["k"], ra["loss_fake"], ra["loss_gen"]) == (rb["k"], rb["loss_fake"], rb["loss_gen"])
     ca, cb = ckpt(a), ckpt(b)
-    for key in ("generator", "fake"):
+    for key in ("generator", "fake", "ema"):
         for name in ca[key]:
             assert torch.equal(ca[key][name], cb[key][name]), f"{key}.{name} differs after resume"
     for name, st in ca["opt_g"]["state"].items():
@@ -107,6 +108,26 @@ def test_two_ranks_match_one_rank(tmp_path):
         flipped = ((d1 - d2).abs() > 1e-6).float().mean().item()
         print(f"{net}: update norm {d1.norm():.3e}, cosine 1 vs 2 ranks {cos:.6f}, entries that differ {flipped:.2e}")
         assert d1.norm() > 1e-4 and cos > 0.999 and flipped < 5e-3
+
+
+def test_ema_is_the_running_average_of_the_generator(tmp_path):
+    """On 2 FSDP2 ranks, one step with EMA half-life H kimg: ema = teacher + (1 - beta) (G - teacher), beta = 0.5^(B/1000H)."""
+    out = str(tmp_path / "ema")
+    run(["--teacher", "tiny", "--out", out, "--max_steps", "1", "--precision", "fp32", "--ema_halflife_kimg", "0.01"]
+        + FAST, nproc=2)
+    c, w0 = ckpt(out), ckpt_teacher()
+    beta = 0.5 ** (4 / (1000 * 0.01))                   # batch 4, half-life 10 samples: beta = 0.758
+    err = max((c["ema"][k] - torch.lerp(w0[k], c["generator"][k], 1 - beta)).abs().max().item() for k in w0)
+    moved = max((c["ema"][k] - w0[k]).abs().max().item() for k in w0)
+    print(f"beta {beta:.4f}: EMA moved by up to {moved:.2e}, max |ema - lerp(teacher, G, 1 - beta)| = {err:.1e}")
+    assert moved > 1e-5 and err < 1e-7
+    assert "ema" not in ckpt_run_without_ema(tmp_path)
+
+
+def ckpt_run_without_ema(tmp_path):
+    out = str(tmp_path / "no_ema")
+    run(["--teacher", "tiny", "--out", out, "--max_steps", "1", "--ema_halflife_kimg", "0"] + FAST)
+    return ckpt(out)
 
 
 def ckpt_teacher():

@@ -5,8 +5,8 @@ metrics, and the command that pretrains the teacher shipped in assets/tiny_teach
 Images are 32x32 RGB: one coloured shape (circle, square, triangle) at one of five places on a dark
 background, with random size, jitter and brightness. Prompts read "a red circle at the top left".
 Because we know how every image was made, we can score a generated image exactly:
-  - prompt adherence: parse the image (colour, shape, place) with a fixed decoder and compare with
-    the prompt; on real data it is 1.0;
+  - prompt adherence: read the image's colour and place off its mean colour and centroid, and its
+    shape by maximum likelihood under the renderer, then compare with the prompt; on real data it is 1.0;
   - distribution distance: Frechet distance between Gaussian fits of a fixed, interpretable feature
     vector (position, size, fill, colour) of generated vs real images of the same prompts.
 
@@ -205,9 +205,9 @@ def decode_shape(img):
 
     Maximum likelihood under the data law: each candidate is rendered by shape_masks with the image's
     area and centroid (which fix its size and position), and the one with the least squared error to
-    the coverage wins. Blur, which a generator's soft edges amount to, costs every candidate about
-    equally along the edges, so only the corners and the apex decide; a fixed threshold on fill would
-    read soft-cornered squares as circles (test_tiny checks blurred data decodes right).
+    the coverage wins. Soft or ragged edges, as a generator draws them, cost every candidate about
+    equally, so only the corners and the apex decide. A fixed threshold on fill would not work: ragged
+    edges widen the bounding box and squares read as circles (test_tiny checks blurred, noised data).
     """
     m = coverage(img)
     feats = image_features(img)

@@ -1,7 +1,7 @@
 """
 SiD-DiT training: distil a flow-matching teacher into a 1-K step generator, data-free (prompts only).
 
-    python train.py --teacher tiny                                        # CPU, ~10 minutes on 2 cores
+    python train.py --teacher tiny                                        # CPU, ~7.5 minutes on 2 cores
     torchrun --standalone --nproc_per_node=2 train.py --teacher tiny      # same run on 2 ranks (gloo)
     torchrun --standalone --nproc_per_node=8 train.py --teacher sana      # 8 GPUs (nccl), paper settings
     python train.py --teacher tiny --out runs/tiny --resume               # continue runs/tiny/ckpt.pt exactly
@@ -9,14 +9,15 @@ SiD-DiT training: distil a flow-matching teacher into a 1-K step generator, data
 One loop for every teacher. Each iteration draws one k in 1..K (the same on every rank), then
   1. fake-score update: regress the guided fake velocity onto eps - x_g for generator samples x_g;
   2. generator update:  SiD loss between the guided teacher and fake-score x0 predictions.
-Generator and fake score start as copies of the teacher. With several ranks, all three nets are
+Generator and fake score start as copies of the teacher; an optional fp32 EMA of the generator
+(--ema_halflife_kimg) is what the sample grids and sample.py show. With several ranks, all three nets are
 sharded with FSDP2 (`fully_shard`). Every random draw is made for the global batch from one
 seeded CPU generator and sliced per rank, so 1 rank and N ranks see the same samples and a resumed
 run continues bit-identically (test_train.py checks both).
 
 Flag defaults are the official SiD-DiT settings (apple/ml-sid-dit run_sid_dit.sh and README);
 a teacher may override a few of them to fit its size (`Teacher.train_defaults`: the tiny teacher
-uses a CPU-sized batch, lr and step count).
+uses a CPU-sized batch, lr and step count, and a 1-kimg EMA).
 """
 
 import argparse
@@ -69,6 +70,9 @@ def get_parser():
     p.add_argument("--adam_eps", type=float, default=None, help="Adam eps (default 1e-8 amp/fp32, 1e-4 bf16)")
     p.add_argument("--max_steps", type=int, default=4000, help="iterations (4000 x 256 ~ 1M images, official)")
     p.add_argument("--grad_checkpointing", type=int, default=1, help="activation checkpointing on G and fake")
+    p.add_argument("--ema_halflife_kimg", type=float, default=0.0,
+                   help="half-life of an fp32 EMA of G, in thousands of generator samples; sample grids and "
+                        "sample.py use it (0: no EMA, as the official FSDP code)")
     # run
     p.add_argument("--out", default=None, help="run folder (default runs/<teacher>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt exactly")
@@ -126,7 +130,7 @@ def check_finite(step, name, loss, gnorm, last_good):
                                  f"saved; last good checkpoint: {last_good}; lower --lr/--glr or use --precision amp")
 
 
-def save_checkpoint(path, G, fake, opt_g, opt_f, state):
+def save_checkpoint(path, G, fake, opt_g, opt_f, ema, state):
     """Full fp32 states gathered to rank 0, written to a temp name then renamed (never half-written)."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
@@ -135,6 +139,8 @@ def save_checkpoint(path, G, fake, opt_g, opt_f, state):
                 generator=get_model_state_dict(G, options=opts), fake=get_model_state_dict(fake, options=opts),
                 opt_g=get_optimizer_state_dict(G, opt_g, options=opts),
                 opt_f=get_optimizer_state_dict(fake, opt_f, options=opts))
+    if ema is not None:
+        ckpt["ema"] = get_model_state_dict(ema, options=opts)
     if not dist.is_initialized() or dist.get_rank() == 0:
         ckpt["generator"] = {k: v.float() for k, v in ckpt["generator"].items()}   # sample.py/eval use fp32
         torch.save(ckpt, path + ".tmp")
@@ -143,7 +149,7 @@ def save_checkpoint(path, G, fake, opt_g, opt_f, state):
         dist.barrier()
 
 
-def load_checkpoint(path, G, fake, opt_g, opt_f):
+def load_checkpoint(path, G, fake, opt_g, opt_f, ema):
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
     try:
@@ -153,6 +159,8 @@ def load_checkpoint(path, G, fake, opt_g, opt_f):
         set_model_state_dict(fake, ckpt["fake"], options=opts)
         set_optimizer_state_dict(G, opt_g, ckpt["opt_g"], options=opts)
         set_optimizer_state_dict(fake, opt_f, ckpt["opt_f"], options=opts)
+        if ema is not None:
+            set_model_state_dict(ema, ckpt["ema"], options=opts)
     except Exception as e:
         raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {str(e)[:200]}; it is corrupt or "
                          f"from another teacher/config; pick another --out or drop --resume") from None
@@ -204,8 +212,11 @@ def main(args, teacher):
     # the teacher too: the generator loss backpropagates through its input, so its activations are kept
     for net in (real, G, fake):
         net.gradient_checkpointing = bool(args.grad_checkpointing)
+    # EMA of G, for sampling only. fp32 even in pure bf16: a bf16 EMA cannot move by less than 1/256 per step.
+    ema = copy.deepcopy(G).float().eval().requires_grad_(False) if args.ema_halflife_kimg > 0 else None
+    ema_beta = 0.5 ** (args.batch / (1000 * args.ema_halflife_kimg)) if ema is not None else None
     if distributed:
-        for net in (real, G, fake):
+        for net in (real, G, fake) + ((ema,) if ema is not None else ()):
             shard(net)
     adam = dict(betas=(0.0, 0.999), eps=args.adam_eps)   # official: no first-moment momentum
     opt_g = torch.optim.Adam(G.parameters(), lr=args.glr, **adam)
@@ -251,7 +262,7 @@ def main(args, teacher):
 
     step, metrics_path = 0, os.path.join(args.out, "metrics.jsonl")
     if args.resume:
-        ck = load_checkpoint(ckpt_path, G, fake, opt_g, opt_f)
+        ck = load_checkpoint(ckpt_path, G, fake, opt_g, opt_f, ema)
         step = ck["step"]
         g.set_state(ck["rng"])
         log(f"resumed {ckpt_path} at step {step}")
@@ -260,16 +271,16 @@ def main(args, teacher):
     def write_samples(tag):
         cond = {k: v.to(device) for k, v in teacher.encode_prompts(grid_prompts).items()}
         z = grid_z.to(device)
-        G.eval()
+        net = ema if ema is not None else G.eval()
         with autocast:
-            rows = [teacher.decode(student_sample(G, z, cond, k, args.num_steps, args.t_init, args.noise, args.seed))
+            rows = [teacher.decode(student_sample(net, z, cond, k, args.num_steps, args.t_init, args.noise, args.seed))
                     for k in sorted({1, args.num_steps})]
         G.train()
         if master:
             save_grid(rows, os.path.join(args.out, "samples", f"{tag}.png"), scale=max(1, 128 // rows[0].shape[-1]))
 
     def checkpoint_now():
-        save_checkpoint(ckpt_path, G, fake, opt_g, opt_f, dict(step=step, rng=g.get_state(), args=vars(args),
+        save_checkpoint(ckpt_path, G, fake, opt_g, opt_f, ema, dict(step=step, rng=g.get_state(), args=vars(args),
                                                                config=config_to_dict(G.config)))
         return f"{ckpt_path} (step {step})"
 
@@ -326,6 +337,10 @@ def main(args, teacher):
         gnorm_g, loss_g = grad_norm(G), mean_over_ranks(loss_g)
         check_finite(step + 1, "generator", loss_g, gnorm_g, last_good)
         opt_g.step()
+        if ema is not None:     # ema <- beta ema + (1 - beta) G, shard by shard under FSDP2
+            with torch.no_grad():
+                for e, p in zip(ema.parameters(), G.parameters()):
+                    e.lerp_(p.to(e.dtype), 1 - ema_beta)
         step += 1
 
         # ---- bookkeeping: one log line per step, metrics, sample grids, checkpoint ----
