@@ -10,8 +10,8 @@ computable because the data generator is known (tiny.py):
     python bench.py --ckpt runs/tiny/ckpt.pt --per_prompt 4   # quicker, noisier
 
 Rows: the data itself, the teacher (Euler, its CFG and shift) at 1, 2, 4, 8, 32 steps, the student
-at 1, 2, 4 steps (its EMA weights, then the raw generator, when the run kept an EMA); same prompts and initial noise for every row. Prints a markdown table and writes
-bench.json next to the checkpoint.
+at 1, 2, 4 steps (its EMA weights, then the raw generator, when the run kept an EMA); same prompts
+and initial noise for every row. Prints a markdown table and writes bench.json next to the checkpoint.
 """
 
 import argparse
