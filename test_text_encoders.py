@@ -91,20 +91,20 @@ def test_sd3_negative_prompt(sd3):
     compare("sd3 negative pooled", out["pooled"], neg_pooled)
 
 
-def test_sd3_without_t5(sd3, tmp_path):
+def test_sd3_without_t5(tmp_path):
     """A pipeline saved without text_encoder_3: the pipeline and we put zeros where T5's tokens go."""
-    _, full = sd3
     folder, pipe = tp.sd3_pipeline(tmp_path / "no_t5", t5=False)
     assert not os.path.exists(os.path.join(folder, "text_encoder_3"))
-    with torch.no_grad():
-        text, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=False,
-                                                max_sequence_length=77)
-    enc = te.load_sd3_prompt_encoder(folder, device="cpu")
-    assert (enc.text_len, enc.text_dim, len(enc.encoders)) == (154, pipe.transformer.config.joint_attention_dim, 2)
-    out = enc(PROMPTS)
-    compare("sd3 (no T5) text", out["text"], text)
-    compare("sd3 (no T5) pooled", out["pooled"], pooled)
-    assert out["text"][:, 77:].abs().max() == 0 and out["text"][:, :77].abs().max() > 0
+    for length in (77, 256):
+        with torch.no_grad():
+            text, _, pooled, _ = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=False,
+                                                    max_sequence_length=length)
+        enc = te.load_sd3_prompt_encoder(folder, device="cpu", max_sequence_length=length)
+        assert (enc.text_len, enc.text_dim, len(enc.encoders)) == (77 + length, tp.T5_WIDTH, 2)
+        out = enc(PROMPTS)
+        compare(f"sd3 (no T5) text, {length}", out["text"], text)
+        compare(f"sd3 (no T5) pooled, {length}", out["pooled"], pooled)
+        assert out["text"][:, 77:].abs().max() == 0 and out["text"][:, :77].abs().max() > 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,6 +211,12 @@ def test_tiny_pipelines_are_faithful(sd3, flux, tmp_path):
     assert (s.use_dynamic_shifting, s.base_shift, s.max_shift, s.base_image_seq_len, s.max_image_seq_len) == (
         True, 0.5, 1.15, 256, 4096)
     assert (flux[1].vae.config.scaling_factor, flux[1].vae.config.shift_factor) == (0.3611, 0.1159)
+
+    for p in (pipe, flux[1]):   # every parameter randomised: no tensor left constant (zeros, ones) by a default init
+        for name, module in p.components.items():
+            if isinstance(module, torch.nn.Module):
+                constant = [k for k, v in module.named_parameters() if v.numel() > 1 and v.std() == 0]
+                assert not constant, f"{name}: {constant[:3]}"
 
     # deterministic: the tokenizers relearnt from scratch and a second build give the same files and weights
     vocab, merges = tp.clip_bpe()

@@ -26,7 +26,7 @@ The recipe (what is real, what is tiny):
   - text encoders: transformers CLIPTextModelWithProjection (SD3 CLIP-L 16 wide, CLIP-G 24 wide),
     CLIPTextModel (FLUX CLIP-L), T5EncoderModel (48 wide, gated-gelu as v1.1); 3 / 2 layers; eos id = the
     tokenizer's, so CLIP pooling finds it in every row.
-  - transformer: SD3Transformer2DModel (hidden 32, 3 layers, sample_size 8, pos_embed_max_size 16) or
+  - transformer: SD3Transformer2DModel (hidden 32, 3 layers, sample_size 8 = 64 px, pos_embed_max_size 16) or
     FluxTransformer2DModel (hidden 32, 2 + 2 layers, guidance embedder, rope axes (4, 6, 6)); context and
     pooled widths follow the text encoders (SD3: 48 and 16 + 24; FLUX: 48 and 16). Keyword overrides go to the
     transformer (qk_norm, dual_attention_layers, guidance_embeds, num_layers, sample_size, ...).
@@ -34,7 +34,7 @@ The recipe (what is real, what is tiny):
     2 layers per block, no quant convs; real scaling/shift factors (SD3 1.5305 / 0.0609, FLUX 0.3611 / 0.1159).
   - scheduler: FlowMatchEulerDiscreteScheduler with the Hub values: SD3/SD3.5 shift 3.0; FLUX.1-dev dynamic
     shifting (base_shift 0.5, max_shift 1.15, base_image_seq_len 256, max_image_seq_len 4096); FLUX.1-schnell
-    (guidance_embeds=False) shift 1.0 without dynamic shifting.
+    (guidance_embeds=False) shift 1.0 without dynamic shifting (BFL samples schnell unshifted).
   - every parameter random (seeded): weights N(0, 0.15), norm weights 1 + N(0, 0.1); default inits hide bugs.
 """
 
