@@ -48,14 +48,16 @@ def flux(tmp_path_factory):
 
 def compare(name, ours, ref):
     diff = (ours - ref).abs().max().item()
+    last = lambda x: [round(v, 4) for v in x.flatten()[-3:].tolist()]
     print(f"{name}: {tuple(ours.shape)} max|diff| {diff:.1e}, max|ref| {ref.abs().max():.3f}, "
-          f"ours {[round(v, 4) for v in ours.flatten()[-3:].tolist()]} ref {[round(v, 4) for v in ref.flatten()[-3:].tolist()]}")
+          f"ours {last(ours)} ref {last(ref)}")
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
     assert diff <= 1e-6, f"{name}: max|diff| {diff}"
 
 
 def sd3_parts(pipe):
-    return (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3), (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+    return ((pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3),
+            (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,8 +236,8 @@ def test_tiny_pipelines_are_faithful(sd3, flux, tmp_path):
             (FluxPipeline, flux, {})]:
         loaded = cls.from_pretrained(folder)
         with torch.no_grad():
-            compare(f"{cls.__name__} reloaded", loaded.encode_prompt(PROMPTS, None, max_sequence_length=77, **kwargs)[0],
-                    ref.encode_prompt(PROMPTS, None, max_sequence_length=77, **kwargs)[0])
+            reloaded, original = (p.encode_prompt(PROMPTS, None, max_sequence_length=77, **kwargs)[0] for p in (loaded, ref))
+        compare(f"{cls.__name__} reloaded", reloaded, original)
     sd35 = tp.sd3_pipeline(tmp_path / "sd35", qk_norm="rms_norm", dual_attention_layers=(0, 1))[1]
     schnell = tp.flux_pipeline(tmp_path / "schnell", guidance_embeds=False)[1]
     assert schnell.scheduler.config.shift == 1.0 and not schnell.scheduler.config.use_dynamic_shifting

@@ -129,8 +129,9 @@ def flux_prompt_encoder(tokenizers, encoders, max_sequence_length=512):
     @torch.no_grad()
     def encode_prompts(prompts):
         prompts, cut = prompt_list(prompts), set()
-        pooled = clip(tokenize(tok_clip, prompts, CLIP_TOKENS, cut).to(clip.device)).pooler_output   # no projection (B, 768)
-        text = t5(tokenize(tok_t5, prompts, max_sequence_length, cut).to(t5.device)).last_hidden_state  # no mask (B, N, 4096)
+        # CLIP-L's final-LN state at the first eos, no projection (B, 768); T5 without a mask (B, N, 4096)
+        pooled = clip(tokenize(tok_clip, prompts, CLIP_TOKENS, cut).to(clip.device)).pooler_output
+        text = t5(tokenize(tok_t5, prompts, max_sequence_length, cut).to(t5.device)).last_hidden_state
         warn_once(warned, cut)
         return {"text": text, "pooled": pooled.to(text.device)}
 

@@ -255,8 +255,8 @@ def flux_pipeline(folder, seed=0, **transformer_overrides):
     folder = str(folder)
     tokenizer = clip_tokenizer(os.path.join(folder, "tokenizer"), "<|endoftext|>")
     tokenizer_2 = t5_tokenizer(os.path.join(folder, "tokenizer_2"))
-    transformer = FluxTransformer2DModel(**{**FLUX_TRANSFORMER, **transformer_overrides, "joint_attention_dim": T5_WIDTH,
-                                            "pooled_projection_dim": CLIP_L_WIDTH})
+    transformer = FluxTransformer2DModel(**{**FLUX_TRANSFORMER, **transformer_overrides,
+                                            "joint_attention_dim": T5_WIDTH, "pooled_projection_dim": CLIP_L_WIDTH})
     if transformer.config.guidance_embeds:     # FLUX.1-dev: resolution-dependent shift
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                     max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
