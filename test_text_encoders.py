@@ -236,7 +236,8 @@ def test_tiny_pipelines_are_faithful(sd3, flux, tmp_path):
             (FluxPipeline, flux, {})]:
         loaded = cls.from_pretrained(folder)
         with torch.no_grad():
-            reloaded, original = (p.encode_prompt(PROMPTS, None, max_sequence_length=77, **kwargs)[0] for p in (loaded, ref))
+            reloaded, original = (p.encode_prompt(PROMPTS, None, max_sequence_length=77, **kwargs)[0]
+                                  for p in (loaded, ref))
         compare(f"{cls.__name__} reloaded", reloaded, original)
     sd35 = tp.sd3_pipeline(tmp_path / "sd35", qk_norm="rms_norm", dual_attention_layers=(0, 1))[1]
     schnell = tp.flux_pipeline(tmp_path / "schnell", guidance_embeds=False)[1]
