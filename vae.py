@@ -12,7 +12,8 @@ parameter-free pixel-(un)shuffles, so most of the signal bypasses the convs.
     x0  = vae.encode(img) * scaling                  # img (B, 3, H, W) in [-1, 1] -> teacher latent
     img = vae.decode(x0 / scaling)                   # and back (no shift for DC-AE)
 
-`encode`/`decode` work on raw latents; the scaling lives with the caller, as in diffusers.
+`encode`/`decode` work on raw latents; the scaling lives with the caller, as in diffusers. diffusers names
+three parts differently (teacher_loaders.DCAE_DIFFUSERS_KEYS maps them).
 
 Checked against: diffusers `AutoencoderDC` (0.42.1) on tiny random configs with every parameter
 randomised, encoder and decoder, both attention paths (linear and the small-image quadratic fallback),
@@ -397,27 +398,3 @@ class DCAE(nn.Module):
 
     def decode(self, z):
         return self.decoder(z.to(self.decoder.conv_in.weight.dtype))
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading a diffusers `vae/` folder
-
-# diffusers key -> our key, as substring renames applied in order; every other key keeps its diffusers name
-KEY_RENAMES = [
-    (".conv_out.conv_", ".ffn.conv_"),              # EfficientViT block feed-forward (GLUMBConv): diffusers `conv_out`
-    (".conv_out.norm.", ".ffn.norm."),
-    (".attn.to_qkv_multiscale.", ".attn.aggreg."),  # multi-scale q/k/v aggregation (original EfficientViT: `aggreg`)
-]
-
-
-def rename_diffusers_key(key):
-    for old, new in KEY_RENAMES:
-        key = key.replace(old, new)
-    return key
-
-
-def diffusers_key(key):
-    """Inverse of rename_diffusers_key, for error messages and tests."""
-    for old, new in reversed(KEY_RENAMES):
-        key = key.replace(new, old)
-    return key
