@@ -332,29 +332,6 @@ def read_diffusers_weights(folder, variant=None, device="cpu"):
     return state
 
 
-def read_diffusers_weights(folder, variant=None, device="cpu"):
-    """{name: tensor} of a diffusers model folder: single file, sharded (index .json), or a precision variant."""
-    from safetensors import safe_open
-    variant, files = pick_weights(os.listdir(folder), variant, folder)
-    index = [f for f in files if f.endswith(".json")]
-    if index:
-        with open(os.path.join(folder, index[0])) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    state = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"weight file {path} (listed in {index[0]}) is missing; re-download the folder")
-        try:
-            f = safe_open(path, framework="pt", device=str(device))   # straight to the GPU: no 8x host copies
-        except Exception as e:  # safetensors raises several types for truncated or foreign files
-            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                             f"re-download it") from None
-        with f:
-            state.update({k: f.get_tensor(k) for k in f.keys()})
-    return state
-
-
 def read_model_config(folder, sub, what):
     """(model folder, config.json dict): `folder` itself, or its `sub/` when given a pipeline folder."""
     folder = str(folder)
