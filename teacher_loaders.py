@@ -23,10 +23,14 @@ SANA weights come in two layouts: a diffusers `transformer/` folder (single file
 precision variant) and an original NVlabs `.pth`. `load_transformer(path)` returns the module alone;
 `load_teacher("sana")` downloads (once) and assembles the whole pipeline: transformer, Gemma-2 prompt
 encoder (as diffusers SanaPipeline.encode_prompt), DC-AE (vae.py), scheduler and the bundled prompt list.
+The 16-channel KL VAE of SD3, SD3.5 and FLUX (vae.KLVAE) loads from a diffusers `vae/` folder or from an
+original single file (SAI `first_stage_model.*`, BFL ae.safetensors) through `load_kl_vae`; `kl_teacher_codec`
+turns it into the teacher's encode/decode with the pipelines' latent scaling and shift.
 
 Checked against: the tiny teacher round-trips through its own safetensors file (test_train.py);
 SANA loaders and prompt encoding against diffusers/transformers on tiny random checkpoints, and
-full-size tensor/parameter counts on the meta device (test_sana.py: `python -m pytest test_sana.py -q`).
+full-size tensor/parameter counts on the meta device (test_sana.py: `python -m pytest test_sana.py -q`);
+the KL VAE loaders against diffusers AutoencoderKL and its convert_ldm_vae_checkpoint (test_kl_vae.py).
 """
 
 import json
@@ -799,17 +803,16 @@ def kl_config_from_original(state, where, prefix=""):
         raise ValueError(f"{where} has no {prefix}encoder.conv_in / {prefix}decoder.conv_in tensors: not a KL VAE in "
                          f"the LDM layout under prefix {prefix!r}; SAI SD3 files need prefix='first_stage_model.', "
                          f"BFL ae.safetensors prefix=''")
-    def count(pattern):   # 1 + the largest index in keys prefix + pattern
-        found = [int(m[1]) for k in state if (m := re.match(re.escape(prefix) + pattern, k))]
-        return 1 + max(found, default=-1)
-
-    stages, layers = count(r"encoder\.down\.(\d+)\.block\.0\.conv1\."), count(r"encoder\.down\.0\.block\.(\d+)\.")
-    width = lambda i: state[f"{prefix}encoder.down.{i}.block.0.conv1.weight"].shape[0]
+    pre = re.escape(prefix)
+    widths = {int(m[1]): v.shape[0] for k, v in state.items()                  # stage i: its first ResNet's width
+              if (m := re.fullmatch(pre + r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight", k))}
+    layers = {m[1] for k in state if (m := re.match(pre + r"encoder\.down\.0\.block\.(\d+)\.", k))}
     return KLConfig(
         in_channels=state[f"{prefix}encoder.conv_in.weight"].shape[1],
         latent_channels=state[f"{prefix}decoder.conv_in.weight"].shape[1],
-        block_out_channels=tuple(width(i) for i in range(stages)), layers_per_block=layers,
-        use_quant_conv=f"{prefix}quant_conv.weight" in state, use_post_quant_conv=f"{prefix}post_quant_conv.weight" in state)
+        block_out_channels=tuple(widths[i] for i in sorted(widths)), layers_per_block=len(layers),
+        use_quant_conv=f"{prefix}quant_conv.weight" in state,
+        use_post_quant_conv=f"{prefix}post_quant_conv.weight" in state)
 
 
 def load_kl_vae(source, device="cpu", dtype=torch.float32, variant=None, prefix="", config=None):
@@ -836,8 +839,9 @@ def load_kl_vae(source, device="cpu", dtype=torch.float32, variant=None, prefix=
             raise ValueError(f"{where} does not store the VAE's latent scaling and shift; pass config='sd3' (SAI "
                              f"SD3/SD3.5 files), config='flux' (BFL ae.safetensors) or a vae.KLConfig")
         if isinstance(config, str) and config not in KL_CONFIGS:
-            raise ValueError(f"unknown KL VAE preset config={config!r}; use one of {list(KL_CONFIGS)} or a vae.KLConfig")
-        cfg = KL_CONFIGS[config] if isinstance(config, str) else config
+            raise ValueError(f"unknown KL VAE preset config={config!r}; use one of {list(KL_CONFIGS)} or a "
+                             f"vae.KLConfig")
+        name, cfg = (repr(config), KL_CONFIGS[config]) if isinstance(config, str) else ("the given KLConfig", config)
         state = source if isinstance(source, dict) else read_safetensors(source)[0]
         state = {k: v for k, v in state.items() if k.startswith(prefix)}   # SAI: skip model.diffusion_model.* etc.
         found = kl_config_from_original(state, where, prefix)
@@ -846,8 +850,8 @@ def load_kl_vae(source, device="cpu", dtype=torch.float32, variant=None, prefix=
         differ = [f"{a} {getattr(found, a)} (config: {getattr(cfg, a)})" for a in arch
                   if getattr(found, a) != getattr(cfg, a)]
         if differ:
-            raise ValueError(f"{where} holds a different VAE than config={config if isinstance(config, str) else 'KLConfig'}"
-                             f": {'; '.join(differ)}; pass the config of these weights")
+            raise ValueError(f"{where} holds a different VAE than config {name}: {'; '.join(differ)}; pass the "
+                             f"config of these weights")
         model = load_weights(lambda: KLVAE(cfg), state, kl_original_keys(cfg, prefix), where,
                              hint="pass the original file of an SD3/FLUX VAE (or the matching config)")
     else:
@@ -859,7 +863,7 @@ def load_kl_vae(source, device="cpu", dtype=torch.float32, variant=None, prefix=
                                                      "original .safetensors file")
         cfg = kl_config_from_diffusers(d)
         model = load_weights(lambda: KLVAE(cfg), read_diffusers_weights(folder, variant, device), KL_DIFFUSERS_KEYS,
-                             folder, hint="use the config.json saved with these weights, or re-download the `vae/` folder")
+                             folder, hint="use the config.json saved with these weights, or re-download `vae/`")
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), cfg.scaling_factor, cfg.shift_factor
 
 

@@ -429,7 +429,7 @@ class KLConfig:
     block_out_channels: tuple = (128, 256, 512, 512)   # one width per stage; factor 2**(stages-1)
     layers_per_block: int = 2                       # encoder ResNets per stage; the decoder has one more
     norm_num_groups: int = 32                       # every GroupNorm; must divide every width
-    use_quant_conv: bool = False                    # 1x1 conv on the (mean, logvar) moments (SD1/SDXL VAEs; not SD3/FLUX)
+    use_quant_conv: bool = False                    # 1x1 conv on the (mean, logvar) moments (SD1/SDXL; not SD3/FLUX)
     use_post_quant_conv: bool = False               # 1x1 conv on the latent before the decoder
     scaling_factor: float = 1.0                     # teacher latent x0 = (encode(img) - shift_factor) * scaling_factor
     shift_factor: float = 0.0                       # (read by the caller; the presets hold the pipelines' values)
@@ -473,12 +473,13 @@ def kl_config_from_diffusers(d):
                                                            f"{d['in_channels']}"),
                    (not d["mid_block_add_attention"], "mid_block_add_attention=false (the mid blocks always attend)"),
                    (d["latents_mean"] is not None or d["latents_std"] is not None,
-                    "latents_mean/latents_std (per-channel latent statistics)"),
-                   (any(w % d["norm_num_groups"] for w in widths), f"norm_num_groups {d['norm_num_groups']} not "
-                                                                    f"dividing block_out_channels {list(widths)}")]
+                    "latents_mean/latents_std (per-channel latent statistics)")]
     for bad, what in unsupported:
         if bad:
             raise ValueError(f"config.json: {what} is not implemented in vae.py; SD3 and FLUX VAEs do not use it")
+    if any(w % d["norm_num_groups"] for w in widths):
+        raise ValueError(f"config.json norm_num_groups {d['norm_num_groups']} does not divide block_out_channels "
+                         f"{list(widths)}; GroupNorm needs it to: fix the config")
     return KLConfig(
         in_channels=d["in_channels"], latent_channels=d["latent_channels"], block_out_channels=widths,
         layers_per_block=d["layers_per_block"], norm_num_groups=d["norm_num_groups"],
@@ -636,8 +637,9 @@ class KLVAE(nn.Module):
         self.config = cfg
         self.encoder = KLEncoder(cfg)
         self.decoder = KLDecoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1) if cfg.use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1) if cfg.use_post_quant_conv else None
+        c = cfg.latent_channels
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
 
     def encode(self, img, sample=False, generator=None):
         """The posterior mean (sample=False, as diffusers pipelines' reference outputs), or mean + std * N(0, I) with
