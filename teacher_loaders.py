@@ -23,10 +23,14 @@ SANA weights come in two layouts: a diffusers `transformer/` folder (single file
 precision variant) and an original NVlabs `.pth`. `load_transformer(path)` returns the module alone;
 `load_teacher("sana")` downloads (once) and assembles the whole pipeline: transformer, Gemma-2 prompt
 encoder (as diffusers SanaPipeline.encode_prompt), DC-AE (vae.py), scheduler and the bundled prompt list.
+The 16-channel KL VAE of SD3, SD3.5 and FLUX (vae.KLVAE) loads from a diffusers `vae/` folder or from an
+original single file (SAI `first_stage_model.*`, BFL ae.safetensors) through `load_kl_vae`; `kl_teacher_codec`
+turns it into the teacher's encode/decode with the pipelines' latent scaling and shift.
 
 Checked against: the tiny teacher round-trips through its own safetensors file (test_train.py);
 SANA loaders and prompt encoding against diffusers/transformers on tiny random checkpoints, and
-full-size tensor/parameter counts on the meta device (test_sana.py: `python -m pytest test_sana.py -q`).
+full-size tensor/parameter counts on the meta device (test_sana.py: `python -m pytest test_sana.py -q`);
+the KL VAE loaders against diffusers AutoencoderKL and its convert_ldm_vae_checkpoint (test_kl_vae.py).
 """
 
 import json
@@ -718,6 +722,149 @@ def load_dcae(folder, device="cpu", dtype=torch.float32, variant=None):
     model = load_weights(lambda: DCAE(cfg), read_diffusers_weights(folder, variant, device), DCAE_DIFFUSERS_KEYS,
                          folder, hint="use the config.json saved with these weights, or re-download the `vae/` folder")
     return model.to(dtype).eval().requires_grad_(False), cfg.scaling_factor
+
+
+# ----------------------------------------------------------------------------------------------
+# KL VAE (SD3, SD3.5, FLUX): diffusers folders and original single files -> vae.KLVAE
+
+# diffusers AutoencoderKL name -> our vae.KLVAE name: the resampling convs and the mid attention lose diffusers'
+# wrappers, the final norms are called norm_out (as in LDM); the rest is the same
+KL_DIFFUSERS_KEYS = [
+    ("{path}.downsamplers.0.conv", "{path}.downsample"),          # Downsample2D wraps the stride-2 conv
+    ("{path}.upsamplers.0.conv", "{path}.upsample"),              # Upsample2D wraps the conv after nearest x2
+    ("{path}.attentions.0.group_norm", "{path}.attn.norm"),       # the mid block's one (generic) Attention
+    ("{path}.attentions.0.to_q", "{path}.attn.to_q"),
+    ("{path}.attentions.0.to_k", "{path}.attn.to_k"),
+    ("{path}.attentions.0.to_v", "{path}.attn.to_v"),
+    ("{path}.attentions.0.to_out.0", "{path}.attn.to_out"),       # to_out = [Linear, Dropout]
+    ("{path}.conv_norm_out", "{path}.norm_out"),
+] + IDENTITY
+
+KL_RESNET_PARTS = [("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"),
+                   ("nin_shortcut", "conv_shortcut")]              # LDM: "network-in-network" 1x1 shortcut
+
+
+def kl_original_keys(cfg, prefix=""):
+    """Key table of the original LDM layout -> our vae.KLVAE: SAI SD3/SD3.5 single files (prefix
+    "first_stage_model.") and BFL ae.safetensors (no prefix) share it (diffusers 0.42.1
+    loaders/single_file_utils.py convert_ldm_vae_checkpoint; black-forest-labs/flux src/flux/modules/autoencoder.py).
+
+    The LDM decoder numbers its up stages by width (up.0 is the last to run, at the image's resolution), we number
+    them in execution order, so decoder.up.{i} is our up_blocks.{n-1-i}: one concrete row per stage. The mid
+    attention's q, k, v, proj_out are 1x1 convs there, Linear here.
+    """
+    n = len(cfg.block_out_channels)
+    resnets = [("encoder.down.{i}.block.{j}", "encoder.down_blocks.{i}.resnets.{j}")]
+    resnets += [(f"decoder.up.{i}.block.{{j}}", f"decoder.up_blocks.{n - 1 - i}.resnets.{{j}}") for i in range(n)]
+    rows = [("encoder.down.{i}.downsample.conv", "encoder.down_blocks.{i}.downsample")]
+    rows += [(f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{n - 1 - i}.upsample") for i in range(1, n)]
+    for coder in ("encoder", "decoder"):
+        resnets += [(f"{coder}.mid.block_1", f"{coder}.mid_block.resnets.0"),
+                    (f"{coder}.mid.block_2", f"{coder}.mid_block.resnets.1")]
+        rows += [(f"{coder}.mid.attn_1.norm", f"{coder}.mid_block.attn.norm"),
+                 (f"{coder}.mid.attn_1.q", f"{coder}.mid_block.attn.to_q", "conv1x1"),
+                 (f"{coder}.mid.attn_1.k", f"{coder}.mid_block.attn.to_k", "conv1x1"),
+                 (f"{coder}.mid.attn_1.v", f"{coder}.mid_block.attn.to_v", "conv1x1"),
+                 (f"{coder}.mid.attn_1.proj_out", f"{coder}.mid_block.attn.to_out", "conv1x1")]
+        rows += [(f"{coder}.{name}", f"{coder}.{name}") for name in ("conv_in", "norm_out", "conv_out")]
+    rows += [("quant_conv", "quant_conv"), ("post_quant_conv", "post_quant_conv")]
+    rows += [(f"{src}.{a}", f"{dst}.{b}") for src, dst in resnets for a, b in KL_RESNET_PARTS]
+    return [(prefix + src, *rest) for src, *rest in rows]
+
+
+def kl_config_from_original(state, where, prefix=""):
+    """The architecture of an LDM-layout KL VAE read from its tensor shapes (norm groups, scaling and shift are not
+    stored: KLConfig defaults)."""
+    from vae import KLConfig
+    if f"{prefix}encoder.conv_in.weight" not in state or f"{prefix}decoder.conv_in.weight" not in state:
+        raise ValueError(f"{where} has no {prefix}encoder.conv_in / {prefix}decoder.conv_in tensors: not a KL VAE in "
+                         f"the LDM layout under prefix {prefix!r}; SAI SD3 files need prefix='first_stage_model.', "
+                         f"BFL ae.safetensors prefix=''")
+    pre = re.escape(prefix)
+    widths = {int(m[1]): v.shape[0] for k, v in state.items()                  # stage i: its first ResNet's width
+              if (m := re.fullmatch(pre + r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight", k))}
+    layers = {m[1] for k in state if (m := re.match(pre + r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    return KLConfig(
+        in_channels=state[f"{prefix}encoder.conv_in.weight"].shape[1],
+        latent_channels=state[f"{prefix}decoder.conv_in.weight"].shape[1],
+        block_out_channels=tuple(widths[i] for i in sorted(widths)), layers_per_block=len(layers),
+        use_quant_conv=f"{prefix}quant_conv.weight" in state,
+        use_post_quant_conv=f"{prefix}post_quant_conv.weight" in state)
+
+
+def load_kl_vae(source, device="cpu", dtype=torch.float32, variant=None, prefix="", config=None):
+    """(vae.KLVAE, scaling_factor, shift_factor) from any layout the SD3, SD3.5 and FLUX VAE ships in. Frozen, eval.
+
+    source is one of
+      - a diffusers AutoencoderKL `vae/` folder, or a pipeline folder holding one: config.json gives the
+        architecture, scaling and shift; `variant` picks fp16/bf16 weight files (default: fp32, else the one there);
+      - an original single .safetensors file, or its {name: tensor} dict, in the LDM layout: SAI SD3/SD3.5 files
+        (prefix="first_stage_model."; the transformer and text encoder tensors beside it are skipped) or BFL's
+        ae.safetensors (prefix=""). These do not store the scaling and shift: `config` states them, as a preset
+        name of vae.KL_CONFIGS ("sd3", "flux") or a KLConfig, and its architecture must be the one the tensor
+        shapes show.
+    Every tensor is checked by name and shape (errors name the checkpoint's key). The teacher latent is
+    x0 = (encode(img) - shift_factor) * scaling_factor (kl_teacher_codec).
+    """
+    from vae import KL_CONFIGS, KLVAE, kl_config_from_diffusers
+    if isinstance(source, dict) or str(source).endswith(".safetensors"):
+        where = "the state dict" if isinstance(source, dict) else str(source)
+        if variant is not None:
+            raise ValueError(f"variant={variant!r} picks the weight files of a diffusers folder; {where} is one "
+                             f"original file: drop variant=")
+        if config is None:
+            raise ValueError(f"{where} does not store the VAE's latent scaling and shift; pass config='sd3' (SAI "
+                             f"SD3/SD3.5 files), config='flux' (BFL ae.safetensors) or a vae.KLConfig")
+        if isinstance(config, str) and config not in KL_CONFIGS:
+            raise ValueError(f"unknown KL VAE preset config={config!r}; use one of {list(KL_CONFIGS)} or a "
+                             f"vae.KLConfig")
+        name, cfg = (repr(config), KL_CONFIGS[config]) if isinstance(config, str) else ("the given KLConfig", config)
+        state = source if isinstance(source, dict) else read_safetensors(source)[0]
+        state = {k: v for k, v in state.items() if k.startswith(prefix)}   # SAI: skip model.diffusion_model.* etc.
+        found = kl_config_from_original(state, where, prefix)
+        arch = ("in_channels", "latent_channels", "block_out_channels", "layers_per_block", "use_quant_conv",
+                "use_post_quant_conv")
+        differ = [f"{a} {getattr(found, a)} (config: {getattr(cfg, a)})" for a in arch
+                  if getattr(found, a) != getattr(cfg, a)]
+        if differ:
+            raise ValueError(f"{where} holds a different VAE than config {name}: {'; '.join(differ)}; pass the "
+                             f"config of these weights")
+        model = load_weights(lambda: KLVAE(cfg), state, kl_original_keys(cfg, prefix), where,
+                             hint="pass the original file of an SD3/FLUX VAE (or the matching config)")
+    else:
+        if config is not None or prefix:
+            raise ValueError(f"config=/prefix= are for original single files; the diffusers folder {source} brings "
+                             f"its own config.json: drop them")
+        folder, d = read_model_config(source, "vae", "the diffusers `vae/` folder of an SD3 or FLUX pipeline "
+                                                     "(config.json + diffusion_pytorch_model.safetensors), or an "
+                                                     "original .safetensors file")
+        cfg = kl_config_from_diffusers(d)
+        model = load_weights(lambda: KLVAE(cfg), read_diffusers_weights(folder, variant, device), KL_DIFFUSERS_KEYS,
+                             folder, hint="use the config.json saved with these weights, or re-download `vae/`")
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), cfg.scaling_factor, cfg.shift_factor
+
+
+def kl_teacher_codec(vae, scaling_factor, shift_factor):
+    """Teacher.encode / Teacher.decode for a KL VAE, normalised as StableDiffusion3Pipeline and FluxPipeline do
+    (diffusers 0.42.1 pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py, pipelines/flux/pipeline_flux.py:
+    decode `latents / scaling_factor + shift_factor`; their img2img `_encode_vae_image`: `(z - shift) * scaling`).
+
+    encode(img, sample=False, generator=None): (B, 3, H, W) in [-1, 1] -> x0 (B, 16, H/8, W/8) in fp32, from the
+    posterior mean or (sample=True) a sample, as the official SiD-DiT data path encodes real images;
+    decode(x0) -> (B, 3, H, W) in [-1, 1], fp32, clamped.
+    """
+    device = vae.encoder.conv_in.weight.device
+
+    @torch.no_grad()
+    def encode(img, sample=False, generator=None):
+        z = vae.encode(img.to(device), sample=sample, generator=generator).float()
+        return (z - shift_factor) * scaling_factor
+
+    @torch.no_grad()
+    def decode(x0):
+        return vae.decode(x0.to(device).float() / scaling_factor + shift_factor).float().clamp(-1, 1)
+
+    return encode, decode
 
 
 def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
