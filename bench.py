@@ -46,8 +46,8 @@ def main(args):
     z = torch.randn((n, C, h, w), generator=torch.Generator().manual_seed(args.seed))
     cond = teacher.encode_prompts(prompts)
     uncond = {k: v.expand(n, *v.shape[1:]) for k, v in teacher.encode_prompts([""]).items()}
-    s = teacher.sampling
-    guidance = args.guidance or s["guidance"]
+    guidance = args.guidance or teacher.guidance
+    shift = float(teacher.scheduler.get("shift", 1.0))
 
     def sub(d, sl):
         return {k: v[sl] for k, v in d.items()}
@@ -55,7 +55,7 @@ def main(args):
     rows = [("data", 0, lambda sl: tiny.render(prompts[sl], torch.Generator().manual_seed(args.seed + sl.start)))]
     for steps in args.teacher_steps:
         rows.append((f"teacher, {steps} Euler steps, CFG {guidance}", 2 * steps, lambda sl, k=steps: teacher.decode(
-            teacher_sample(teacher.transformer, z[sl], sub(cond, sl), sub(uncond, sl), k, guidance, s["shift"]))))
+            teacher_sample(teacher.transformer, z[sl], sub(cond, sl), sub(uncond, sl), k, guidance, shift))))
     for label, G in students:
         for k in args.student_steps:
             rows.append((f"{label}, {k} step{'s' * (k > 1)}", k, lambda sl, k=k, G=G: teacher.decode(student_sample(

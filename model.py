@@ -1,16 +1,17 @@
 """
-The teacher DiT forward passes, written directly in PyTorch.
+The teacher DiT forward passes, written directly in PyTorch: one banner section per family, shared
+primitives first.
 
-SANA (Xie et al. 2024, arXiv 2410.10629): a linear-attention DiT with ReLU-kernel self-attention,
-masked softmax cross-attention to Gemma-2 text features, a gated depthwise-conv feed-forward
-(Mix-FFN / GLUMBConv) and AdaLN-single timestep modulation. The embedded `tiny` teacher is the
-same module at a small width.
+  SANA (Xie et al. 2024, arXiv 2410.10629): a linear-attention DiT with ReLU-kernel self-attention,
+  masked softmax cross-attention to Gemma-2 text features, a gated depthwise-conv feed-forward
+  (Mix-FFN / GLUMBConv) and AdaLN-single timestep modulation. The embedded `tiny` teacher is the
+  same module at a small width.
 
-Every module here follows one convention and one signature:
+Every family follows one convention and one signature:
 
     v = module(x, t, text, text_mask=None, pooled=None, guidance=None)
 
-    x         (B, C, H, W)  latents, x_t = (1 - t) * x0 + t * eps
+    x         (B, C, H, W)  UNPACKED latents, x_t = (1 - t) * x0 + t * eps
     t         (B,)          flow time in [0, 1], t = 1 is pure noise
     text      (B, L, D_txt) text-encoder features
     text_mask (B, L)        1/True = real token, 0/False = padding (None: all real)
@@ -19,7 +20,9 @@ Every module here follows one convention and one signature:
     v         (B, C, H, W)  velocity, v = eps - x0, so x0 = x_t - t * v
 
 Checkpoints expect a timestep of 1000 * t (SANA, SD3) or t (SANA-Sprint teachers): that factor is
-`config.time_scale`, applied inside `forward`, never at call sites.
+`config.time_scale`, applied inside `forward`, never at call sites. Patchifying, packing and position ids
+also happen inside. What train.py needs from a family is in the `DiT` base class: the units FSDP2 shards
+(`fsdp_units`) and the one activation-checkpointed block loop (`run_blocks`).
 
 Checked against: diffusers `SanaTransformer2DModel` on tiny random configs (with and without
 qk-norm, padded masks, non-square latents), max error <= 1e-4 * max|reference|; see test_sana.py.
@@ -27,7 +30,7 @@ Run `python -m pytest test_sana.py -q`.
 """
 
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -36,7 +39,152 @@ from torch.utils.checkpoint import checkpoint
 
 
 # ----------------------------------------------------------------------------------------------
-# Config and presets
+# Shared primitives (used by two or more families)
+
+
+def timestep_features(t, dim=256, max_period=10000.0):
+    """DiT sinusoidal features of a (B,) float tensor, cosine half first, computed in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]                                   # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)             # (B, dim)
+
+
+def sincos_pos_embed(dim, h, w, base_size, interpolation_scale=1.0):
+    """(h*w, dim) 2D sin-cos table in the PixArt/diffusers layout: first half encodes the column, second
+    the row; each half is [sin(p w_k), cos(p w_k)], w_k = 10000^(-k/(dim/4)), p = index * base / n / scale."""
+    def axis(pos, d):                                                         # (N,) -> (N, d)
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        out = pos.double()[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+    ys = torch.arange(h, dtype=torch.float32) / (h / base_size) / interpolation_scale
+    xs = torch.arange(w, dtype=torch.float32) / (w / base_size) / interpolation_scale
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")                            # (h, w) each
+    return torch.cat([axis(xx.flatten(), dim // 2), axis(yy.flatten(), dim // 2)], dim=1).float()
+
+
+def layer_norm(x):
+    """LayerNorm over channels without affine parameters, eps 1e-6: every norm inside SANA, SD3 and FLUX blocks."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+@dataclass
+class Modulation:
+    """AdaLN parameters of one sub-layer, each (B, 1, D): x += gate * f(LN(x) * (1 + scale) + shift).
+
+    A named container instead of six positional chunks (as black-forest-labs/flux `ModulationOut`).
+    Final layers have no gate.
+    """
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor | None = None
+
+    def __call__(self, x_normed):
+        return x_normed * (1 + self.scale) + self.shift
+
+
+def modulations(params, n):
+    """(B, 3n * D) AdaLN parameters -> n Modulations, the chunks ordered (shift, scale, gate) per sub-layer."""
+    chunks = params[:, None].chunk(3 * n, dim=-1)                             # 3n x (B, 1, D)
+    return [Modulation(*chunks[3 * i:3 * i + 3]) for i in range(n)]
+
+
+class MLPEmbedder(nn.Module):
+    """Linear -> act -> Linear (time, guidance, pooled-text and caption embedders)."""
+
+    def __init__(self, d_in, d_out, act):
+        super().__init__()
+        self.linear_1 = nn.Linear(d_in, d_out)
+        self.act = act
+        self.linear_2 = nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w, the mean taken in fp32 (as diffusers does)."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (x * torch.rsqrt(var + self.eps)).to(self.weight.dtype) * self.weight
+
+
+def attention(q, k, v, bias=None):
+    """softmax(q k^T / sqrt(d) + bias) v on (B, heads, N, d) tensors.
+
+    Fused SDPA on GPU; written out on CPU, where it is ~6x faster in bf16 than SDPA's CPU kernel.
+    """
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5                    # (B, h, N, L)
+    if bias is not None:
+        scores = scores + bias
+    return scores.softmax(dim=-1) @ v
+
+
+def patchify(x, p):
+    """(B, C, H, W) -> (B, (H/p)(W/p), C p p) tokens, row-major; feature index c p^2 + i p + j.
+
+    This is FLUX's 2x2 latent packing, and the input layout a Conv2d(kernel p, stride p) patch embed sees.
+    """
+    B, C, H, W = x.shape
+    x = x.view(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)         # (B, h, w, C, p, p)
+    return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+
+def unpatchify(x, h, w, p, layout):
+    """(B, h w, F) tokens -> (B, C, h p, w p) latents, F = C p^2 ordered by `layout`:
+    'cpq' (channel-major: FLUX packing, the inverse of `patchify`) or 'pqc' (DiT, SD3 and SANA final layers:
+    F index (i p + j) C + c)."""
+    B = x.shape[0]
+    if layout == "cpq":
+        x = x.view(B, h, w, -1, p, p).permute(0, 3, 1, 4, 2, 5)              # (B, C, h, p, w, p)
+    elif layout == "pqc":
+        x = x.view(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)              # (B, C, h, p, w, p)
+    else:
+        raise ValueError(f"unknown patch layout {layout!r}; use 'cpq' or 'pqc'")
+    # a fresh tensor, not a view: FSDP2 hooks the output, and an in-place op on a view would skip that hook
+    return x.reshape(B, -1, h * p, w * p).clone(memory_format=torch.contiguous_format)
+
+
+def check_patch_grid(H, W, p):
+    if H % p or W % p:
+        raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {p}; pick a resolution that is a "
+                         f"multiple of {p} latent pixels")
+    return H // p, W // p
+
+
+class DiT(nn.Module):
+    """What train.py needs from every family, and nothing family-specific.
+
+    fsdp_units(): the submodules FSDP2 shards one by one (each gathered just in time); the root holds the rest.
+    run_blocks(): the one block loop; with `gradient_checkpointing` on and grad enabled, each block keeps
+    only its inputs and recomputes its activations in backward.
+    """
+    gradient_checkpointing = False
+
+    def fsdp_units(self):
+        return list(self.blocks)
+
+    def run_blocks(self, blocks, state, *args):
+        """state = block(*state, *args) for each block; state is a tensor or a tuple of streams."""
+        for block in blocks:
+            inputs = (*state, *args) if isinstance(state, tuple) else (state, *args)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                state = checkpoint(block, *inputs, use_reentrant=False)
+            else:
+                state = block(*inputs)
+        return state
+
+
+# ----------------------------------------------------------------------------------------------
+# SANA: config and presets
 
 
 @dataclass
@@ -79,62 +227,7 @@ SANA_CONFIGS = {
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers and embedders
-
-
-def timestep_features(t, dim=256, max_period=10000.0):
-    """DiT sinusoidal features of a (B,) float tensor, cosine half first, computed in fp32."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]                                   # (B, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)             # (B, dim)
-
-
-def sincos_pos_embed(dim, h, w, base_size, interpolation_scale):
-    """(h*w, dim) 2D sin-cos table in the PixArt/diffusers layout: first half encodes the column, second
-    the row; each half is [sin(p w_k), cos(p w_k)], w_k = 10000^(-k/(dim/4)), p = index * base / n / scale."""
-    def axis(pos, d):                                                         # (N,) -> (N, d)
-        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
-        out = pos.double()[:, None] * omega[None]
-        return torch.cat([out.sin(), out.cos()], dim=1)
-    ys = torch.arange(h, dtype=torch.float32) / (h / base_size) / interpolation_scale
-    xs = torch.arange(w, dtype=torch.float32) / (w / base_size) / interpolation_scale
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")                            # (h, w) each
-    return torch.cat([axis(xx.flatten(), dim // 2), axis(yy.flatten(), dim // 2)], dim=1).float()
-
-
-def modulate(x, shift, scale):
-    return x * (1 + scale) + shift
-
-
-class MLPEmbedder(nn.Module):
-    """Linear -> act -> Linear; SiLU for time/guidance, tanh-GELU for the caption projection."""
-
-    def __init__(self, d_in, d_out, act):
-        super().__init__()
-        self.linear_1 = nn.Linear(d_in, d_out)
-        self.act = act
-        self.linear_2 = nn.Linear(d_out, d_out)
-
-    def forward(self, x):
-        return self.linear_2(self.act(self.linear_1(x)))
-
-
-class RMSNorm(nn.Module):
-    """y = x / sqrt(mean(x^2) + eps) * w, the mean taken in fp32 (as diffusers does)."""
-
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return (x * torch.rsqrt(var + self.eps)).to(self.weight.dtype) * self.weight
-
-
-# ----------------------------------------------------------------------------------------------
-# Attention
+# SANA: attention and blocks
 
 
 class LinearAttention(nn.Module):
@@ -170,16 +263,6 @@ class LinearAttention(nn.Module):
         return self.to_out(out)
 
 
-def attention(q, k, v, bias=None):
-    """softmax(q k^T / sqrt(d) + bias) v. Fused SDPA on GPU; written out on CPU, where it is ~6x faster in bf16."""
-    if q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5                    # (B, h, N, L)
-    if bias is not None:
-        scores = scores + bias
-    return scores.softmax(dim=-1) @ v
-
-
 class CrossAttention(nn.Module):
     """Softmax attention from image tokens to text tokens; padded text tokens get a -10000 logit bias."""
 
@@ -206,10 +289,6 @@ class CrossAttention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(B, N, -1))
 
 
-# ----------------------------------------------------------------------------------------------
-# Blocks
-
-
 class MixFFN(nn.Module):
     """GLUMBConv: 1x1 conv to 2F -> SiLU -> depthwise 3x3 -> split (a, g) -> a * SiLU(g) -> 1x1 conv to D.
 
@@ -232,7 +311,7 @@ class MixFFN(nn.Module):
 
 
 class SanaBlock(nn.Module):
-    """x += gate1 * LinAttn(mod(LN x)); x += CrossAttn(x, text) (no norm, no gate); x += gate2 * MixFFN(mod(LN x))."""
+    """x += gate1 * LinAttn(mod1(LN x)); x += CrossAttn(x, text) (no norm, no gate); x += gate2 * MixFFN(mod2(LN x))."""
 
     def __init__(self, cfg: SanaConfig):
         super().__init__()
@@ -244,18 +323,18 @@ class SanaBlock(nn.Module):
         self.ff = MixFFN(D, cfg.mlp_ratio)
 
     def forward(self, x, c, bias, t6, h, w):                # x: (B, N, D), t6: (B, 6, D)
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + t6).chunk(6, dim=1)
-        x = x + gate1 * self.attn(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift1, scale1))
+        attn, ff = modulations((self.scale_shift_table[None] + t6).flatten(1), 2)
+        x = x + attn.gate * self.attn(attn(layer_norm(x)))
         x = x + self.cross_attn(x, c, bias)
-        x = x + gate2 * self.ff(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift2, scale2), h, w)
+        x = x + ff.gate * self.ff(ff(layer_norm(x)), h, w)
         return x
 
 
 # ----------------------------------------------------------------------------------------------
-# Top model
+# SANA: top model
 
 
-class Sana(nn.Module):
+class Sana(DiT):
     def __init__(self, cfg: SanaConfig):
         super().__init__()
         self.config = cfg
@@ -270,15 +349,11 @@ class Sana(nn.Module):
         self.blocks = nn.ModuleList([SanaBlock(cfg) for _ in range(cfg.depth)])
         self.final_scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
         self.proj_out = nn.Linear(D, p * p * cfg.out_channels)
-        self.gradient_checkpointing = False
 
     def forward(self, x, t, text, text_mask=None, pooled=None, guidance=None):
         cfg, p = self.config, self.config.patch_size
         B, _, H, W = x.shape
-        if H % p or W % p:
-            raise ValueError(f"latent size {H}x{W} is not divisible by the patch size {p}; pick a resolution "
-                             f"that is a multiple of {p} latent pixels")
-        h, w = H // p, W // p
+        h, w = check_patch_grid(H, W, p)
         dtype = self.patch_embed.weight.dtype
         x = self.patch_embed(x.to(dtype)).flatten(2).transpose(1, 2)          # (B, N=h*w, D)
         if cfg.interpolation_scale is not None:
@@ -298,25 +373,27 @@ class Sana(nn.Module):
         if text_mask is not None:                                            # (B, L) -> additive (B, 1, 1, L)
             bias = ((1 - text_mask.to(x.dtype)) * -10000.0)[:, None, None, :]
 
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, c, bias, t6, h, w, use_reentrant=False)
-            else:
-                x = block(x, c, bias, t6, h, w)
+        x = self.run_blocks(self.blocks, x, c, bias, t6, h, w)               # (B, N, D)
 
-        # final layer: modulated by the raw time embedding (no SiLU, no t_block)
-        shift, scale = (self.final_scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)
-        x = self.proj_out(modulate(F.layer_norm(x, x.shape[-1:], eps=1e-6), shift, scale))  # (B, N, p*p*C)
-        x = x.view(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4)              # (B, C, h, p, w, p)
-        # a fresh tensor, not a view: FSDP2 hooks the output, and an in-place op on a view would skip that hook
-        return x.reshape(B, -1, H, W).clone(memory_format=torch.contiguous_format)   # (B, C, H, W)
+        # final layer: modulated by the raw time embedding (no SiLU, no t_block); rows (shift, scale)
+        final = Modulation(*(self.final_scale_shift_table[None] + emb[:, None]).chunk(2, dim=1))
+        x = self.proj_out(final(layer_norm(x)))                              # (B, N, p*p*C)
+        return unpatchify(x, h, w, p, "pqc")                                  # (B, C, H, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: config type -> module, and configs to/from checkpoints
+
+FAMILIES = {   # config class -> module class; each family section adds its row
+    SanaConfig: Sana,
+}
 
 
 def build_model(cfg):
     """The module for a config; the one place a family's config picks its class."""
-    if isinstance(cfg, SanaConfig):
-        return Sana(cfg)
-    raise TypeError(f"no model for config type {type(cfg).__name__}")
+    if type(cfg) not in FAMILIES:
+        raise TypeError(f"no model for config type {type(cfg).__name__}")
+    return FAMILIES[type(cfg)](cfg)
 
 
 def config_to_dict(cfg):
@@ -326,7 +403,7 @@ def config_to_dict(cfg):
 def config_from_dict(d):
     d = dict(d)
     family = d.pop("family")
-    classes = {"SanaConfig": SanaConfig}
+    classes = {c.__name__: c for c in FAMILIES}
     if family not in classes:
         raise ValueError(f"unknown model family {family!r} in checkpoint config; expected one of {list(classes)}")
     return classes[family](**d)

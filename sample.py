@@ -42,6 +42,15 @@ def teacher_sample(net, z, cond, uncond, steps, guidance, shift=1.0):
 
 
 @torch.no_grad()
+def pipeline_sample(teacher, prompts, z, steps, guidance):
+    """x0 from z as the teacher's pipeline samples: Euler on its flow shift with CFG against ""."""
+    cond = teacher.encode_prompts(list(prompts))
+    uncond = {k: v.expand(len(prompts), *v.shape[1:]) for k, v in teacher.encode_prompts([""]).items()}
+    shift = float(teacher.scheduler.get("flow_shift") or teacher.scheduler.get("shift") or 1.0)
+    return teacher_sample(teacher.transformer, z, cond, uncond, steps, guidance, shift)
+
+
+@torch.no_grad()
 def student_sample(G, z, cond, k, K, t_init=1.0, noise="fresh", seed=0):
     """x0 after k steps of the K-step SiD-DiT sampler, with seeded fresh noise."""
     g = torch.Generator().manual_seed(seed)
@@ -99,11 +108,9 @@ def main(args):
                 rows.append(teacher.decode(student_sample(G, z, cond, k, K, ck.get("t_init", 1.0),
                                                           ck.get("noise", "fresh"), args.seed)))
                 labels.append(f"student {k} step{'s' * (k > 1)}")
-        s = teacher.sampling
         for n in args.teacher_steps:
-            x0 = teacher_sample(teacher.transformer, z, cond, uncond, n, args.guidance or s["guidance"], s["shift"])
-            rows.append(teacher.decode(x0))
-            labels.append(f"teacher {n} Euler steps, cfg {args.guidance or s['guidance']}")
+            rows.append(teacher.decode(teacher.sample(prompts, z, n, args.guidance)))
+            labels.append(f"teacher {n} steps, cfg {args.guidance or teacher.guidance}")
     save_grid(rows, args.out, scale=args.scale)
     print(f"wrote {args.out}: {len(prompts)} columns ({', '.join(prompts[:3])}...), rows:")
     for i, lab in enumerate(labels):

@@ -1,5 +1,5 @@
 """
-Teachers: official checkpoints -> our modules, with their prompt encoders and latent codecs.
+Teachers: official checkpoints -> our modules, with their prompt encoders, latent codecs and samplers.
 
 Every teacher, embedded or downloaded, is returned as one `Teacher` with the same interface, so
 train.py and sample.py never ask which family they hold:
@@ -7,20 +7,30 @@ train.py and sample.py never ask which family they hold:
     teacher = load_teacher("tiny")            # or "sana", a diffusers pipeline folder, a HF repo id
     cond = teacher.encode_prompts(["a red circle at the top left"])   # dict of tensors
     v = teacher.transformer(x_t, t, **cond)   # velocity, t in [0, 1]
+    x0 = teacher.sample(prompts, z)           # the teacher's own pipeline sampler: its scheduler, steps, CFG
     img = teacher.decode(x0)                  # (B, 3, H, W) in [-1, 1]
 
 `cond` holds whichever of text (B, L, D), text_mask (B, L), pooled (B, P) the family uses; its
 tensors are batched along dim 0, so CFG can concatenate them.
 
-SANA weights come in two layouts, both mapped onto model.Sana through the declarative key tables
-below: a diffusers `transformer/` folder (single file, sharded, or a precision variant) and an
-original NVlabs `.pth`. `load_transformer(path)` returns the module alone; `load_teacher("sana")`
-downloads (once) and assembles the whole pipeline: transformer, Gemma-2 prompt encoder (as diffusers
-SanaPipeline.encode_prompt), DC-AE (vae.py), sampler settings and the bundled prompt list.
+All weights go through one engine (`load_weights`): the module is built on the meta device (no
+random init, no memory), every checkpoint tensor is mapped by a declarative key table, checked by
+name, count and shape, and loaded with `assign=True`. `to_checkpoint` runs a table backwards (our
+keys -> the checkpoint's) for export. The family is read from the folder, never from its name:
+`model_index.json` `_class_name` picks the pipeline, `config.json` `_class_name` the transformer.
+
+SANA weights come in two layouts: a diffusers `transformer/` folder (single file, sharded, or a
+precision variant) and an original NVlabs `.pth`. `load_transformer(path)` returns the module alone;
+`load_teacher("sana")` downloads (once) and assembles the whole pipeline: transformer, Gemma-2 prompt
+encoder (as diffusers SanaPipeline.encode_prompt), DC-AE (vae.py), scheduler and the bundled prompt list.
+The 16-channel KL VAE of SD3, SD3.5 and FLUX (vae.KLVAE) loads from a diffusers `vae/` folder or from an
+original single file (SAI `first_stage_model.*`, BFL ae.safetensors) through `load_kl_vae`; `kl_teacher_codec`
+turns it into the teacher's encode/decode with the pipelines' latent scaling and shift.
 
 Checked against: the tiny teacher round-trips through its own safetensors file (test_train.py);
 SANA loaders and prompt encoding against diffusers/transformers on tiny random checkpoints, and
-full-size tensor/parameter counts on the meta device (test_sana.py: `python -m pytest test_sana.py -q`).
+full-size tensor/parameter counts on the meta device (test_sana.py: `python -m pytest test_sana.py -q`);
+the KL VAE loaders against diffusers AutoencoderKL and its convert_ldm_vae_checkpoint (test_kl_vae.py).
 """
 
 import json
@@ -32,14 +42,14 @@ from typing import Callable
 
 import torch
 
-from model import Sana, SanaConfig, build_model, config_from_dict
+from model import SanaConfig, build_model, config_from_dict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, "assets")
 DEFAULT_PROMPTS = os.path.join(HERE, "prompts", "default_prompts.txt")   # data-free prompts for any teacher
 
-# named real teachers -> Hugging Face repos (diffusers layout, SanaPipeline)
-SANA_REPOS = {
+# named real teachers -> Hugging Face repos (diffusers pipeline layout)
+TEACHER_REPOS = {
     "sana": "Efficient-Large-Model/Sana_600M_512px_diffusers",
     "sana-600m-1024": "Efficient-Large-Model/Sana_600M_1024px_diffusers",
     "sana-1.6b-512": "Efficient-Large-Model/Sana_1600M_512px_diffusers",
@@ -57,7 +67,10 @@ class Teacher:
     latent_channels: int
     vae_factor: int                              # image pixels per latent pixel
     resolution: int                              # default image side in pixels
-    sampling: dict = field(default_factory=dict) # teacher's own sampler: steps, guidance, shift
+    scheduler: dict                              # the pipeline's scheduler_config.json (its `_class_name` included)
+    sample_steps: int                            # the pipeline's default number of inference steps
+    guidance: float                              # the pipeline's default guidance_scale
+    embeds_guidance: bool = False                # guidance is a network input (FLUX-dev), not CFG
     train_defaults: dict = field(default_factory=dict)   # train.py flag defaults for this teacher
     default_prompts: list = field(default_factory=list)  # data-free distillation prompts
 
@@ -70,90 +83,47 @@ class Teacher:
                              f"{self.transformer.config.patch_size}); use e.g. {max(step, res // step * step)}")
         return (self.latent_channels, res // self.vae_factor, res // self.vae_factor)
 
+    def sample(self, prompts, z, steps=None, guidance=None):
+        """x0 latents from initial noise z (B, C, h, w), exactly as the teacher's own pipeline samples them:
+        its scheduler, its default steps and guidance, CFG against "" as the pipeline applies it."""
+        from sample import pipeline_sample   # sample.py holds every sampler; it imports this module
+        return pipeline_sample(self, prompts, z, steps or self.sample_steps,
+                               self.guidance if guidance is None else guidance)
+
 
 def load_teacher(name_or_path, device=None, text_dtype=None, variant=None):
-    """A `Teacher` for 'tiny', a named SANA teacher (SANA_REPOS), a local diffusers pipeline folder, or a HF repo id.
+    """A `Teacher` for 'tiny', a named teacher (TEACHER_REPOS), a local diffusers pipeline folder, or a HF repo id.
 
-    device: where the frozen nets run (default: CPU for 'tiny'; this rank's GPU for SANA when there is one).
-    text_dtype: Gemma-2's dtype (default bf16 on GPU, as the official code; fp32 on CPU).
+    device: where the frozen nets run (default: CPU for 'tiny'; this rank's GPU for real teachers when there is one).
+    text_dtype: the text encoders' dtype (default bf16 on GPU, as the official code; fp32 on CPU).
     variant: transformer weight variant to read ("fp16", "bf16"; default fp32 when the repo has it).
     """
     name = str(name_or_path)
     if name == "tiny" or name.endswith(".safetensors"):
         path = os.path.join(ASSETS, "tiny_teacher.safetensors") if name == "tiny" else name
         return load_tiny_teacher(path, device or "cpu")
-    if name in SANA_REPOS or (not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name)):
-        folder = download_pipeline(SANA_REPOS.get(name, name), variant)
+    if name in TEACHER_REPOS or (not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name)):
+        folder = download_pipeline(TEACHER_REPOS.get(name, name), variant)
     elif os.path.isdir(name):
         folder = name
     else:
-        raise ValueError(f"unknown teacher {name!r}; use one of {['tiny', *SANA_REPOS]}, a tiny-teacher .safetensors "
-                         f"file, a diffusers pipeline folder, or a Hugging Face repo id (owner/name)")
-    return load_sana_teacher(folder, name, device, text_dtype, variant)
+        raise ValueError(f"unknown teacher {name!r}; use one of {['tiny', *TEACHER_REPOS]}, a tiny-teacher "
+                         f".safetensors file, a diffusers pipeline folder, or a Hugging Face repo id (owner/name)")
+    index = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index):
+        raise FileNotFoundError(f"{folder} has no model_index.json: it is not a diffusers pipeline folder; pass one "
+                                f"(e.g. a download of {TEACHER_REPOS['sana']}) or a teacher name {list(TEACHER_REPOS)}")
+    with open(index) as f:
+        pipeline = json.load(f).get("_class_name")
+    if pipeline not in PIPELINES:
+        raise ValueError(f"{folder} holds a {pipeline!r}; supported pipelines are {sorted(PIPELINES)}")
+    return PIPELINES[pipeline](folder, name, device, text_dtype, variant)
 
 
-# ----------------------------------------------------------------------------------------------
-# The embedded teacher (tiny.py)
-
-
-def read_safetensors(path):
-    """(tensors, metadata) of a .safetensors file, or a one-line error naming the file and the fix."""
-    from safetensors import safe_open
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (the tiny teacher ships as "
-                                f"assets/tiny_teacher.safetensors; re-create it with `python tiny.py`)")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
-    except Exception as e:  # safetensors raises several types for truncated or foreign files
-        raise ValueError(f"checkpoint {path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                         f"re-download or re-create it") from None
-
-
-def load_tiny_teacher(path, device="cpu"):
-    import tiny
-    tensors, meta = read_safetensors(path)
-    if "config" not in meta:
-        raise ValueError(f"{path} has no model config in its metadata: it is not a tiny-teacher file "
-                         f"(re-create it with `python tiny.py`)")
-    cfg = config_from_dict(json.loads(meta["config"]))
-    net, enc = build_model(cfg), tiny.TinyTextEncoder(cfg.caption_channels)
-    load_exact(net, {k[len("transformer."):]: v for k, v in tensors.items() if k.startswith("transformer.")}, path)
-    load_exact(enc, {k[len("text_encoder."):]: v for k, v in tensors.items() if k.startswith("text_encoder.")}, path)
-    net.to(device).eval().requires_grad_(False)
-    enc.to(device).eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def encode_prompts(prompts):
-        text, mask = enc(list(prompts))
-        return {"text": text, "text_mask": mask}
-
-    return Teacher(
-        name="tiny", transformer=net, encode_prompts=encode_prompts,
-        encode=tiny.encode_images, decode=tiny.decode_latents,
-        latent_channels=cfg.in_channels, vae_factor=tiny.LATENT_FACTOR, resolution=tiny.IMAGE_SIZE,
-        sampling=dict(steps=32, guidance=4.5, shift=1.0),
-        # CPU-sized run of the paper's recipe: same losses, guidance, Adam betas; bigger lr, smaller batch.
-        # At this lr the raw G wanders from one iteration to the next (1-step feature FD between 0.5 and 2 at
-        # steps 200-300); an EMA with a 1-kimg half-life (~31 iterations) averages that out.
-        train_defaults=dict(batch=32, lr=1e-4, glr=1e-4, max_steps=300, sample_every=100, ckpt_every=100,
-                            grad_checkpointing=0, ema_halflife_kimg=1.0),
-        default_prompts=list(tiny.ALL_PROMPTS),
-    )
-
-
-def load_exact(module, state, source):
-    """load_state_dict that names the first missing/unexpected key or mismatched shape, in one line."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"{source}: {len(missing)} missing keys (first: {missing[:1]}), {len(unexpected)} "
-                         f"unexpected keys (first: {unexpected[:1]}); is this the right checkpoint for this model?")
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{source}: key {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-    module.load_state_dict(state)
+def _default_device():
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return torch.device("cpu")
 
 
 def read_prompts(path):
@@ -168,212 +138,153 @@ def read_prompts(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# SANA transformer weights -> model.Sana: declarative key tables
+# The loading engine: key tables from any checkpoint layout to our modules, and back
 
-# diffusers SanaTransformer2DModel name -> our name. `{i}` is a block index; each row covers the
-# module's .weight and .bias (or a bare parameter such as scale_shift_table). Renames only.
-DIFFUSERS_KEYS = [
-    ("patch_embed.proj", "patch_embed"),
-    ("time_embed.emb.timestep_embedder.linear_1", "t_embedder.linear_1"),   # AdaLayerNormSingle
-    ("time_embed.emb.timestep_embedder.linear_2", "t_embedder.linear_2"),
-    ("time_embed.timestep_embedder.linear_1", "t_embedder.linear_1"),       # Sprint (guidance_embeds=True) layout
-    ("time_embed.timestep_embedder.linear_2", "t_embedder.linear_2"),
-    ("time_embed.guidance_embedder.linear_1", "guidance_embedder.linear_1"),
-    ("time_embed.guidance_embedder.linear_2", "guidance_embedder.linear_2"),
-    ("time_embed.linear", "t_block"),
-    ("caption_projection.linear_1", "caption_proj.linear_1"),
-    ("caption_projection.linear_2", "caption_proj.linear_2"),
-    ("caption_norm", "caption_norm"),
-    ("transformer_blocks.{i}.scale_shift_table", "blocks.{i}.scale_shift_table"),
-    ("transformer_blocks.{i}.attn1.to_q", "blocks.{i}.attn.to_q"),
-    ("transformer_blocks.{i}.attn1.to_k", "blocks.{i}.attn.to_k"),
-    ("transformer_blocks.{i}.attn1.to_v", "blocks.{i}.attn.to_v"),
-    ("transformer_blocks.{i}.attn1.to_out.0", "blocks.{i}.attn.to_out"),
-    ("transformer_blocks.{i}.attn1.norm_q", "blocks.{i}.attn.norm_q"),
-    ("transformer_blocks.{i}.attn1.norm_k", "blocks.{i}.attn.norm_k"),
-    ("transformer_blocks.{i}.attn2.to_q", "blocks.{i}.cross_attn.to_q"),
-    ("transformer_blocks.{i}.attn2.to_k", "blocks.{i}.cross_attn.to_k"),
-    ("transformer_blocks.{i}.attn2.to_v", "blocks.{i}.cross_attn.to_v"),
-    ("transformer_blocks.{i}.attn2.to_out.0", "blocks.{i}.cross_attn.to_out"),
-    ("transformer_blocks.{i}.attn2.norm_q", "blocks.{i}.cross_attn.norm_q"),
-    ("transformer_blocks.{i}.attn2.norm_k", "blocks.{i}.cross_attn.norm_k"),
-    ("transformer_blocks.{i}.ff.conv_inverted", "blocks.{i}.ff.conv_inverted"),
-    ("transformer_blocks.{i}.ff.conv_depth", "blocks.{i}.ff.conv_depth"),
-    ("transformer_blocks.{i}.ff.conv_point", "blocks.{i}.ff.conv_point"),
-    ("scale_shift_table", "final_scale_shift_table"),    # final layer, rows (shift, scale) in both layouts
-    ("proj_out", "proj_out"),
-]
-
-# NVlabs Sana .pth name -> our name(s). A tuple of targets is a fused tensor whose rows are the targets
-# stacked in order: it is split with chunk(len(targets), dim=0), weight and bias alike (as diffusers'
-# scripts/convert_sana_to_diffusers.py does; architectures.md section 4.6).
-ORIGINAL_KEYS = [
-    ("x_embedder.proj", "patch_embed"),
-    ("t_embedder.mlp.0", "t_embedder.linear_1"),
-    ("t_embedder.mlp.2", "t_embedder.linear_2"),
-    ("cfg_embedder.mlp.0", "guidance_embedder.linear_1"),   # Sprint
-    ("cfg_embedder.mlp.2", "guidance_embedder.linear_2"),
-    ("t_block.1", "t_block"),                                # t_block = Sequential(SiLU, Linear)
-    ("y_embedder.y_proj.fc1", "caption_proj.linear_1"),
-    ("y_embedder.y_proj.fc2", "caption_proj.linear_2"),
-    ("attention_y_norm", "caption_norm"),
-    ("blocks.{i}.scale_shift_table", "blocks.{i}.scale_shift_table"),
-    ("blocks.{i}.attn.qkv", ("blocks.{i}.attn.to_q", "blocks.{i}.attn.to_k", "blocks.{i}.attn.to_v")),  # split into 3
-    ("blocks.{i}.attn.q_norm", "blocks.{i}.attn.norm_q"),    # SANA-1.5 / Sprint qk-norm
-    ("blocks.{i}.attn.k_norm", "blocks.{i}.attn.norm_k"),
-    ("blocks.{i}.attn.proj", "blocks.{i}.attn.to_out"),
-    ("blocks.{i}.cross_attn.q_linear", "blocks.{i}.cross_attn.to_q"),
-    ("blocks.{i}.cross_attn.kv_linear", ("blocks.{i}.cross_attn.to_k", "blocks.{i}.cross_attn.to_v")),  # split into 2
-    ("blocks.{i}.cross_attn.q_norm", "blocks.{i}.cross_attn.norm_q"),
-    ("blocks.{i}.cross_attn.k_norm", "blocks.{i}.cross_attn.norm_k"),
-    ("blocks.{i}.cross_attn.proj", "blocks.{i}.cross_attn.to_out"),
-    ("blocks.{i}.mlp.inverted_conv.conv", "blocks.{i}.ff.conv_inverted"),
-    ("blocks.{i}.mlp.depth_conv.conv", "blocks.{i}.ff.conv_depth"),
-    ("blocks.{i}.mlp.point_conv.conv", "blocks.{i}.ff.conv_point"),
-    ("final_layer.linear", "proj_out"),
-    ("final_layer.scale_shift_table", "final_scale_shift_table"),
-]
-# in the .pth but unused at inference: the sincos buffer (no positional embedding at 512/1024 px), the
-# learned null caption of training-time CFG dropout, and the optional log-variance head
-ORIGINAL_DROPPED = ("pos_embed", "y_embedder.y_embedding", "logvar_linear.")
-
-# NVlabs configs give cross-attention `num_heads` per width (SanaMS_600M_P1_D28: 16, SanaMS_1600M_P1_D20
-# and SANA-1.5: 20); the .pth does not store it, and self-attention heads are always width / 32.
-CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}
+# A key table is a list of rows (checkpoint name, our name) or (checkpoint name, our name, op):
+#  - a name covers a module's .weight and .bias, or names a bare parameter or buffer (scale_shift_table);
+#  - {i}, {j} stand for block indices (digits), {path} for any dotted prefix; the first matching row wins;
+#  - a tuple of our names splits one checkpoint tensor along dim 0 into consecutive parts sized by our
+#    module's shapes (a fused qkv -> q, k, v); run backwards, the parts are concatenated again;
+#  - op "swap" exchanges the two halves along dim 0: AdaLN rows (shift, scale) <-> (scale, shift);
+#  - op "conv1x1" turns a (O, I, 1, 1) conv weight into the (O, I) Linear weight with the same numbers.
+IDENTITY = [("{path}", "{path}")]
 
 
-def _row_pattern(source):
-    return re.compile("^" + re.escape(source).replace(r"\{i\}", r"(?P<i>\d+)") + r"(?P<param>\.weight|\.bias)?$")
+def _swap_halves(t):
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a])
 
 
-def map_keys(state, table, dropped=()):
-    """Apply a key table: ({our key: tensor}, {our key: checkpoint key}, [checkpoint keys no row matches])."""
-    rules = [(_row_pattern(src), dst) for src, dst in table]
+OPS = {   # op -> (checkpoint to ours, ours to checkpoint)
+    None: (lambda t: t, lambda t: t),
+    "swap": (_swap_halves, _swap_halves),
+    "conv1x1": (lambda t: t.flatten(1) if t.dim() == 4 else t, lambda t: t[:, :, None, None] if t.dim() == 2 else t),
+}
+
+
+def _pattern(name):
+    rx = re.sub(r"\\\{path\\\}", r"(?P<path>.+?)", re.escape(name))
+    rx = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>\\d+)", rx)
+    return re.compile("^" + rx + r"(?P<param>\.weight|\.bias)?$")
+
+
+def _rows(table):
+    """[(checkpoint name, (our names...), op)] with compiled patterns of both sides."""
+    rows = []
+    for row in table:
+        src, dst, op = (*row, None)[:3]
+        dst = dst if isinstance(dst, tuple) else (dst,)
+        rows.append((src, _pattern(src), dst, [_pattern(d) for d in dst], op))
+    return rows
+
+
+def _fill(name, m):
+    return name.format(**{k: v for k, v in m.groupdict().items() if k != "param"}) + (m["param"] or "")
+
+
+def map_keys(state, table, shapes=None, dropped=()):
+    """Checkpoint {key: tensor} -> ({our key: tensor}, {our key: checkpoint key}, [checkpoint keys no row took]).
+
+    shapes: {our key: shape} of the module being filled; it sizes the parts of a split (equal parts without it).
+    dropped: checkpoint key prefixes that are ignored (tensors the module does not use).
+    """
+    rows = _rows(table)
     out, source, unmatched = {}, {}, []
     for key, value in state.items():
-        match = next(((m, dst) for pattern, dst in rules if (m := pattern.match(key))), None)
-        if match is None:
-            if not key.startswith(tuple(dropped)):
-                unmatched.append(key)
+        if dropped and key.startswith(tuple(dropped)):
             continue
-        m, dst = match
-        targets = dst if isinstance(dst, tuple) else (dst,)
-        if value.shape[0] % len(targets):
-            raise ValueError(f"checkpoint key {key!r} has shape {tuple(value.shape)}, whose first dimension does not "
-                             f"split into {len(targets)} equal parts; this is not a SANA checkpoint")
-        parts = value.chunk(len(targets), dim=0) if len(targets) > 1 else (value,)
+        hit = next(((m, dst, op) for _, rx, dst, _, op in rows if (m := rx.match(key))), None)
+        if hit is None:
+            unmatched.append(key)
+            continue
+        m, dst, op = hit
+        targets = [_fill(d, m) for d in dst]
+        value = OPS[op][0](value)
+        if len(targets) > 1:
+            sizes = [shapes[t][0] for t in targets] if shapes and all(t in shapes for t in targets) else None
+            if sizes is None and value.shape[0] % len(targets) or sizes and sum(sizes) != value.shape[0]:
+                raise ValueError(f"checkpoint key {key!r} has shape {tuple(value.shape)}, which does not split into "
+                                 f"{targets}; the checkpoint does not match this model")
+            parts = value.split(sizes) if sizes else value.chunk(len(targets))
+            parts = [p.clone() for p in parts]                 # no parameter shares a fused storage
+        else:
+            parts = [value]
         for target, part in zip(targets, parts):
-            ours = target.format(i=m.groupdict().get("i")) + (m["param"] or "")
-            out[ours] = part.clone() if len(targets) > 1 else part    # clone: no parameter shares a fused storage
-            source[ours] = key
+            out[target], source[target] = part, key
     return out, source, unmatched
 
 
-def _source_key(ours, table):
-    """The checkpoint key that a table maps onto our key `ours` (for error messages)."""
-    for src, dst in table:
-        for target in (dst if isinstance(dst, tuple) else (dst,)):
-            m = _row_pattern(target).match(ours)
-            if m:
-                return src.format(i=m.groupdict().get("i")) + (m["param"] or "")
+def checkpoint_name(ours, table):
+    """The checkpoint key a table maps onto our key `ours` (for error messages)."""
+    for src, _, dst, dst_rx, _ in _rows(table):
+        for rx in dst_rx:
+            if m := rx.match(ours):
+                return _fill(src, m)
     return ours
 
 
-def load_mapped(cfg, state, table, where, dropped=()):
-    """model.Sana(cfg) on the meta device, filled from a checkpoint through a key table; every key and shape checked."""
+def to_checkpoint(ours, table):
+    """Run a key table backwards: our {key: tensor} -> {checkpoint key: tensor} (split parts concatenated,
+    ops inverted). Every one of our tensors must be claimed by a row."""
+    out, claimed = {}, set()
+    for src, _, dst, dst_rx, op in _rows(table):
+        for key in ours:
+            m = None if key in claimed else dst_rx[0].match(key)
+            if m is None:
+                continue
+            names = [_fill(d, m) for d in dst]
+            if any(n not in ours for n in names):
+                raise ValueError(f"our {key!r} has no partner {[n for n in names if n not in ours]} to fuse into "
+                                 f"{_fill(src, m)!r}; the key table does not fit this model")
+            value = torch.cat([ours[n] for n in names]) if len(names) > 1 else ours[key]
+            out[_fill(src, m)] = OPS[op][1](value)
+            claimed.update(names)
+    left = [k for k in ours if k not in claimed]
+    if left:
+        raise ValueError(f"no key-table row covers our {left[:3]} ({len(left)} tensors); the table is incomplete")
+    return out
+
+
+def load_weights(build, state, table, where, dropped=(), hint="use the weights' own config"):
+    """build() on the meta device, filled from checkpoint `state` through a key table; every key and shape checked.
+
+    Missing and unexpected tensors are named as the checkpoint names them. Tensors are assigned, not copied,
+    so the module holds the checkpoint's dtype; the caller casts it.
+    """
     with torch.device("meta"):
-        net = Sana(cfg)
+        net = build()
     expected = net.state_dict()
-    ours, source, unmatched = map_keys(state, table, dropped)
+    ours, source, unmatched = map_keys(state, table, {k: v.shape for k, v in expected.items()}, dropped)
     unexpected = unmatched + [source[k] for k in ours if k not in expected]
-    missing = [_source_key(k, table) for k in expected if k not in ours]
+    missing = [checkpoint_name(k, table) for k in expected if k not in ours]
     if missing or unexpected:
         raise ValueError(f"{where}: {len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys "
-                         f"{unexpected[:3]}; the weights do not match the config ({_describe(cfg)}): use the "
-                         f"config.json saved with them, or a SANA checkpoint of a supported kind")
+                         f"{unexpected[:3]}; the weights do not match the model: {hint}")
     for k, v in ours.items():
         if v.shape != expected[k].shape:
-            raise ValueError(f"{where}: {source[k]!r} has shape {tuple(v.shape)} but the config ({_describe(cfg)}) "
-                             f"needs {tuple(expected[k].shape)} for our {k!r}; use the config.json saved with these "
-                             f"weights (or re-download them)")
+            raise ValueError(f"{where}: {source[k]!r} has shape {tuple(v.shape)} but the model needs "
+                             f"{tuple(expected[k].shape)} for our {k!r}: {hint}")
     net.load_state_dict(ours, assign=True)
     return net
 
 
-def _describe(cfg):
-    return (f"width {cfg.width}, depth {cfg.depth}, heads {cfg.num_heads}x{cfg.head_dim}, cross heads "
-            f"{cfg.cross_heads}x{cfg.cross_head_dim}, qk_norm {cfg.qk_norm}, guidance_embeds {cfg.guidance_embeds}")
-
-
-def _time_scale(path, timestep_scale=1.0):
-    """Checkpoint timestep per unit flow time: 1000 * timestep_scale, or 1 for Sana-Sprint teachers.
-
-    Like the official code (sid_dit_train.py), a teacher is "Sprint" when its path/repo name contains
-    "sprint" (any case); pass time_scale= to load_transformer to override.
-    """
-    return 1.0 if "sprint" in str(path).lower() else 1000.0 * timestep_scale
-
-
 # ----------------------------------------------------------------------------------------------
-# SANA transformer weights -> model.Sana: configs and files
+# Files: safetensors, diffusers folders (single, sharded, precision variants), downloads
 
 
-def sana_config_from_diffusers(d, path):
-    """SanaConfig from a diffusers config.json dict; options model.py does not implement are one-line errors."""
-    if d.get("_class_name") != "SanaTransformer2DModel":
-        raise ValueError(f"{path} describes a {d.get('_class_name')!r}, not a SanaTransformer2DModel; point at the "
-                         f"`transformer/` folder of a SANA diffusers checkpoint (e.g. {SANA_REPOS['sana']})")
-    only = [   # (option, the one value model.py implements, what a different value means)
-        ("attention_bias", False, "self-attention q/k/v biases are not in model.py; use a released SANA checkpoint"),
-        ("norm_elementwise_affine", False, "affine block LayerNorms are not in model.py; use a released SANA "
-                                           "checkpoint"),
-        ("norm_eps", 1e-6, "model.py's block LayerNorms use eps 1e-6; use a released SANA checkpoint"),
-    ]
-    for option, value, why in only:
-        if d.get(option, value) != value:
-            raise ValueError(f"{path}: {option}={d[option]!r} is not supported ({why})")
-    if d.get("qk_norm") not in (None, "rms_norm_across_heads"):
-        raise ValueError(f"{path}: qk_norm={d['qk_norm']!r} is not supported (model.py implements only "
-                         f"'rms_norm_across_heads', the SANA-1.5 / Sprint one)")
-    heads, head_dim = d.get("num_attention_heads", 70), d.get("attention_head_dim", 32)
-    cross_dim = d.get("cross_attention_dim", 2240)
-    if cross_dim is not None and cross_dim != heads * head_dim:
-        raise ValueError(f"{path}: cross_attention_dim {cross_dim} != num_attention_heads x attention_head_dim "
-                         f"{heads * head_dim}; SANA's cross-attention works at the model width")
-    in_channels = d.get("in_channels", 32)
-    return SanaConfig(
-        in_channels=in_channels, out_channels=d.get("out_channels") or in_channels, patch_size=d.get("patch_size", 1),
-        num_heads=heads, head_dim=head_dim, depth=d.get("num_layers", 20),
-        cross_heads=d.get("num_cross_attention_heads", 20), cross_head_dim=d.get("cross_attention_head_dim", 112),
-        caption_channels=d.get("caption_channels", 2304), mlp_ratio=d.get("mlp_ratio", 2.5),
-        qk_norm=d.get("qk_norm") == "rms_norm_across_heads", guidance_embeds=bool(d.get("guidance_embeds", False)),
-        guidance_scale=d.get("guidance_embeds_scale", 0.1), time_scale=_time_scale(path, d.get("timestep_scale", 1.0)),
-        sample_size=d.get("sample_size", 32), interpolation_scale=d.get("interpolation_scale"))
 
-
-def sana_config_from_original(state, path, cross_heads=None):
-    """SanaConfig inferred from the tensor shapes of an NVlabs .pth state dict (see CROSS_HEADS_BY_WIDTH)."""
-    if "x_embedder.proj.weight" not in state or "blocks.0.mlp.inverted_conv.conv.weight" not in state:
-        raise ValueError(f"{path} has no x_embedder.proj.weight / blocks.0.mlp.* tensors: it is not an NVlabs SANA "
-                         f"checkpoint; pass a SANA .pth or a diffusers `transformer/` folder")
-    if re.search(r"[24]kpx", str(path).lower()):
-        raise ValueError(f"{path}: the 2K/4K SANA models add sincos positional embeddings, which model.py does not "
-                         f"implement; use a 512 or 1024 px checkpoint")
-    width, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
-    cross_heads = cross_heads or CROSS_HEADS_BY_WIDTH.get(width)
-    if cross_heads is None or width % 32 or width % cross_heads:
-        raise ValueError(f"{path}: width {width} has no known cross-attention head count (known: "
-                         f"{CROSS_HEADS_BY_WIDTH}); pass cross_heads= (the NVlabs config's num_heads)")
-    hidden = state["blocks.0.mlp.inverted_conv.conv.weight"].shape[0] // 2          # Mix-FFN F (the GLU doubles it)
-    n_pos = state["pos_embed"].shape[1] if "pos_embed" in state else 0                 # (1, (input_size/p)^2, D)
-    return SanaConfig(
-        in_channels=in_channels, out_channels=state["final_layer.linear.weight"].shape[0] // patch**2,
-        patch_size=patch, num_heads=width // 32, head_dim=32,
-        depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
-        cross_heads=cross_heads, cross_head_dim=width // cross_heads,
-        caption_channels=state["y_embedder.y_proj.fc1.weight"].shape[1], mlp_ratio=hidden / width,
-        qk_norm="blocks.0.attn.q_norm.weight" in state, guidance_embeds="cfg_embedder.mlp.0.weight" in state,
-        time_scale=_time_scale(path), sample_size=math.isqrt(n_pos) if n_pos else 32)
+def read_safetensors(path):
+    """(tensors, metadata) of a .safetensors file, or a one-line error naming the file and the fix."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (the tiny teacher ships as "
+                                f"assets/tiny_teacher.safetensors; re-create it with `python tiny.py`)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
+    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        raise ValueError(f"checkpoint {path} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                         f"re-download or re-create it") from None
 
 
 WEIGHT_FILE = re.compile(r"^(?P<base>[A-Za-z_]+)(?:\.(?P<variant>\w+?))?(?:-\d+-of-\d+)?\.safetensors$")
@@ -438,67 +349,297 @@ def read_model_config(folder, sub, what):
         return folder, json.load(f)
 
 
-def load_dcae(folder, device="cpu", dtype=torch.float32, variant=None):
-    """(vae.DCAE, scaling_factor) from a diffusers AutoencoderDC `vae/` folder (or a pipeline folder holding one).
+def read_scheduler(folder):
+    """The pipeline folder's scheduler/scheduler_config.json as a dict ({} when the folder has none)."""
+    path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
-    Keys map through vae.KEY_RENAMES; every tensor is checked by name and shape against the module that
-    config.json describes. Frozen, eval mode. The teacher latent is x0 = encode(img) * scaling_factor.
+
+def download_pipeline(repo_id, variant=None):
+    """Local folder of a HF diffusers pipeline repo; downloads (once, to the HF cache) only what a teacher needs:
+    model_index.json and the folders it names, one weight variant each (the transformer's `variant`, plain fp32
+    elsewhere when the repo has it). Offline (HF_HUB_OFFLINE=1 or no network), an earlier download is used."""
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    try:
+        files = HfApi().list_repo_files(repo_id)
+        with open(hf_hub_download(repo_id, "model_index.json")) as f:
+            parts = [k for k, v in json.load(f).items() if isinstance(v, list) and v[0] is not None]
+    except Exception as e:  # offline, unknown repo, gated, no access: try the cache before giving up
+        try:
+            return snapshot_download(repo_id, local_files_only=True)
+        except Exception:
+            pass
+        why = " ".join(str(e).split())[:160]
+        if "gated" in f"{type(e).__name__} {why}".lower() or " 401 " in f" {why} " or " 403 " in f" {why} ":
+            raise ValueError(f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id}, then run "
+                             f"`huggingface-cli login` (or set HF_TOKEN) and try again") from None
+        raise ValueError(f"could not download teacher {repo_id!r} ({type(e).__name__}: {why}); check the name, your "
+                         f"network / `huggingface-cli login`, or pass a local pipeline folder") from None
+    wanted = ["model_index.json"]
+    for part in parts:
+        names = [f[len(part) + 1:] for f in files if f.startswith(part + "/") and f.count("/") == 1]
+        weights = [n for n in names if WEIGHT_FILE.match(n) or INDEX_FILE.match(n)]
+        wanted += [f"{part}/{n}" for n in names if n not in weights and not n.endswith((".bin", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx"))]
+        if weights:
+            picked = pick_weights(weights, variant if part == "transformer" else None, f"{repo_id}/{part}")[1]
+            wanted += [f"{part}/{n}" for n in picked]
+    return snapshot_download(repo_id, allow_patterns=wanted)
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedded teacher (tiny.py)
+
+
+def load_tiny_teacher(path, device="cpu"):
+    import tiny
+    tensors, meta = read_safetensors(path)
+    if "config" not in meta:
+        raise ValueError(f"{path} has no model config in its metadata: it is not a tiny-teacher file "
+                         f"(re-create it with `python tiny.py`)")
+    cfg = config_from_dict(json.loads(meta["config"]))
+    hint = "re-create the file with `python tiny.py`"
+    net = load_weights(lambda: build_model(cfg), tensors, [("transformer.{path}", "{path}")], path,
+                       dropped=("text_encoder.",), hint=hint)
+    enc = load_weights(lambda: tiny.TinyTextEncoder(cfg.caption_channels), tensors,
+                       [("text_encoder.{path}", "{path}")], path, dropped=("transformer.",), hint=hint)
+    net.to(device).eval().requires_grad_(False)
+    enc.to(device).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def encode_prompts(prompts):
+        text, mask = enc(list(prompts))
+        return {"text": text, "text_mask": mask}
+
+    return Teacher(
+        name="tiny", transformer=net, encode_prompts=encode_prompts,
+        encode=tiny.encode_images, decode=tiny.decode_latents,
+        latent_channels=cfg.in_channels, vae_factor=tiny.LATENT_FACTOR, resolution=tiny.IMAGE_SIZE,
+        scheduler=dict(tiny.SCHEDULER), sample_steps=32, guidance=4.5,
+        # CPU-sized run of the paper's recipe: same losses, guidance, Adam betas; bigger lr, smaller batch.
+        # At this lr the raw G wanders from one iteration to the next (1-step feature FD between 0.5 and 2 at
+        # steps 200-300); an EMA with a 1-kimg half-life (~31 iterations) averages that out.
+        train_defaults=dict(batch=32, lr=1e-4, glr=1e-4, max_steps=300, sample_every=100, ckpt_every=100,
+                            grad_checkpointing=0, ema_halflife_kimg=1.0),
+        default_prompts=list(tiny.ALL_PROMPTS),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# SANA transformer weights -> model.Sana: declarative key tables
+
+# diffusers SanaTransformer2DModel name -> our name. Renames only.
+SANA_DIFFUSERS_KEYS = [
+    ("patch_embed.proj", "patch_embed"),
+    ("time_embed.emb.timestep_embedder.linear_1", "t_embedder.linear_1"),   # AdaLayerNormSingle
+    ("time_embed.emb.timestep_embedder.linear_2", "t_embedder.linear_2"),
+    ("time_embed.linear", "t_block"),
+    ("caption_projection.linear_1", "caption_proj.linear_1"),
+    ("caption_projection.linear_2", "caption_proj.linear_2"),
+    ("caption_norm", "caption_norm"),
+    ("transformer_blocks.{i}.scale_shift_table", "blocks.{i}.scale_shift_table"),
+    ("transformer_blocks.{i}.attn1.to_q", "blocks.{i}.attn.to_q"),
+    ("transformer_blocks.{i}.attn1.to_k", "blocks.{i}.attn.to_k"),
+    ("transformer_blocks.{i}.attn1.to_v", "blocks.{i}.attn.to_v"),
+    ("transformer_blocks.{i}.attn1.to_out.0", "blocks.{i}.attn.to_out"),
+    ("transformer_blocks.{i}.attn1.norm_q", "blocks.{i}.attn.norm_q"),
+    ("transformer_blocks.{i}.attn1.norm_k", "blocks.{i}.attn.norm_k"),
+    ("transformer_blocks.{i}.attn2.to_q", "blocks.{i}.cross_attn.to_q"),
+    ("transformer_blocks.{i}.attn2.to_k", "blocks.{i}.cross_attn.to_k"),
+    ("transformer_blocks.{i}.attn2.to_v", "blocks.{i}.cross_attn.to_v"),
+    ("transformer_blocks.{i}.attn2.to_out.0", "blocks.{i}.cross_attn.to_out"),
+    ("transformer_blocks.{i}.attn2.norm_q", "blocks.{i}.cross_attn.norm_q"),
+    ("transformer_blocks.{i}.attn2.norm_k", "blocks.{i}.cross_attn.norm_k"),
+    ("transformer_blocks.{i}.ff.conv_inverted", "blocks.{i}.ff.conv_inverted"),
+    ("transformer_blocks.{i}.ff.conv_depth", "blocks.{i}.ff.conv_depth"),
+    ("transformer_blocks.{i}.ff.conv_point", "blocks.{i}.ff.conv_point"),
+    ("scale_shift_table", "final_scale_shift_table"),    # final layer, rows (shift, scale) in both layouts
+    ("proj_out", "proj_out"),
+]
+# Sana-Sprint (guidance_embeds=True) keeps its time embedder one level up, next to the guidance embedder
+SANA_SPRINT_DIFFUSERS_KEYS = SANA_DIFFUSERS_KEYS[:1] + [
+    ("time_embed.timestep_embedder.linear_1", "t_embedder.linear_1"),
+    ("time_embed.timestep_embedder.linear_2", "t_embedder.linear_2"),
+    ("time_embed.guidance_embedder.linear_1", "guidance_embedder.linear_1"),
+    ("time_embed.guidance_embedder.linear_2", "guidance_embedder.linear_2"),
+] + SANA_DIFFUSERS_KEYS[3:]
+
+
+def sana_diffusers_keys(cfg):
+    return SANA_SPRINT_DIFFUSERS_KEYS if cfg.guidance_embeds else SANA_DIFFUSERS_KEYS
+
+
+# NVlabs Sana .pth name -> our name(s). A tuple of targets is a fused tensor whose rows are the targets
+# stacked in order (as diffusers' scripts/convert_sana_to_diffusers.py splits them).
+SANA_ORIGINAL_KEYS = [
+    ("x_embedder.proj", "patch_embed"),
+    ("t_embedder.mlp.0", "t_embedder.linear_1"),
+    ("t_embedder.mlp.2", "t_embedder.linear_2"),
+    ("cfg_embedder.mlp.0", "guidance_embedder.linear_1"),   # Sprint
+    ("cfg_embedder.mlp.2", "guidance_embedder.linear_2"),
+    ("t_block.1", "t_block"),                                # t_block = Sequential(SiLU, Linear)
+    ("y_embedder.y_proj.fc1", "caption_proj.linear_1"),
+    ("y_embedder.y_proj.fc2", "caption_proj.linear_2"),
+    ("attention_y_norm", "caption_norm"),
+    ("blocks.{i}.scale_shift_table", "blocks.{i}.scale_shift_table"),
+    ("blocks.{i}.attn.qkv", ("blocks.{i}.attn.to_q", "blocks.{i}.attn.to_k", "blocks.{i}.attn.to_v")),  # split into 3
+    ("blocks.{i}.attn.q_norm", "blocks.{i}.attn.norm_q"),    # SANA-1.5 / Sprint qk-norm
+    ("blocks.{i}.attn.k_norm", "blocks.{i}.attn.norm_k"),
+    ("blocks.{i}.attn.proj", "blocks.{i}.attn.to_out"),
+    ("blocks.{i}.cross_attn.q_linear", "blocks.{i}.cross_attn.to_q"),
+    ("blocks.{i}.cross_attn.kv_linear", ("blocks.{i}.cross_attn.to_k", "blocks.{i}.cross_attn.to_v")),  # split into 2
+    ("blocks.{i}.cross_attn.q_norm", "blocks.{i}.cross_attn.norm_q"),
+    ("blocks.{i}.cross_attn.k_norm", "blocks.{i}.cross_attn.norm_k"),
+    ("blocks.{i}.cross_attn.proj", "blocks.{i}.cross_attn.to_out"),
+    ("blocks.{i}.mlp.inverted_conv.conv", "blocks.{i}.ff.conv_inverted"),
+    ("blocks.{i}.mlp.depth_conv.conv", "blocks.{i}.ff.conv_depth"),
+    ("blocks.{i}.mlp.point_conv.conv", "blocks.{i}.ff.conv_point"),
+    ("final_layer.linear", "proj_out"),
+    ("final_layer.scale_shift_table", "final_scale_shift_table"),
+]
+# in the .pth but unused at inference: the sincos buffer (no positional embedding at 512/1024 px), the
+# learned null caption of training-time CFG dropout, and the optional log-variance head
+SANA_ORIGINAL_DROPPED = ("pos_embed", "y_embedder.y_embedding", "logvar_linear.")
+
+# NVlabs configs give cross-attention `num_heads` per width (SanaMS_600M_P1_D28: 16, SanaMS_1600M_P1_D20
+# and SANA-1.5: 20); the .pth does not store it, and self-attention heads are always width / 32.
+CROSS_HEADS_BY_WIDTH = {1152: 16, 2240: 20}
+
+
+def _describe(cfg):
+    return (f"width {cfg.width}, depth {cfg.depth}, heads {cfg.num_heads}x{cfg.head_dim}, cross heads "
+            f"{cfg.cross_heads}x{cfg.cross_head_dim}, qk_norm {cfg.qk_norm}, guidance_embeds {cfg.guidance_embeds}")
+
+
+def _time_scale(path, timestep_scale=1.0):
+    """Checkpoint timestep per unit flow time: 1000 * timestep_scale, or 1 for Sana-Sprint teachers.
+
+    Like the official code (sid_dit_train.py), a teacher is "Sprint" when its path/repo name contains
+    "sprint" (any case); pass time_scale= to load_transformer to override.
     """
-    from vae import DCAE, dcae_config_from_diffusers, diffusers_key, rename_diffusers_key
-    folder, config = read_model_config(folder, "vae", "the diffusers `vae/` folder of a SANA pipeline "
-                                                      "(config.json + diffusion_pytorch_model.safetensors)")
-    cfg = dcae_config_from_diffusers(config)
-    with torch.device("meta"):
-        model = DCAE(cfg)
-    expected = model.state_dict()
-    state = {}
-    for key, t in read_diffusers_weights(folder, variant, device).items():
-        ours = rename_diffusers_key(key)
-        if ours not in expected:
-            raise ValueError(f"{folder}: unexpected key {key!r}; these weights do not match config.json (use the "
-                             f"config.json saved with them)")
-        if t.shape != expected[ours].shape:
-            raise ValueError(f"{folder}: {key!r} has shape {tuple(t.shape)} but config.json implies "
-                             f"{tuple(expected[ours].shape)}; use the config.json saved with these weights")
-        state[ours] = t.to(dtype)
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ValueError(f"{folder}: {len(missing)} weights missing from the checkpoint, first "
-                         f"{diffusers_key(missing[0])!r}; the weights do not match config.json, or the download is "
-                         f"incomplete: re-download the `vae/` folder")
-    model.load_state_dict(state, assign=True)
-    return model.eval().requires_grad_(False), cfg.scaling_factor
+    return 1.0 if "sprint" in str(path).lower() else 1000.0 * timestep_scale
+
+
+def sana_config_from_diffusers(d, path):
+    """SanaConfig from a diffusers config.json dict; options model.py does not implement are one-line errors."""
+    if d.get("_class_name") != "SanaTransformer2DModel":
+        raise ValueError(f"{path} describes a {d.get('_class_name')!r}, not a SanaTransformer2DModel; point at the "
+                         f"`transformer/` folder of a SANA diffusers checkpoint (e.g. {SANA_REPOS['sana']})")
+    only = [   # (option, the one value model.py implements, what a different value means)
+        ("attention_bias", False, "self-attention q/k/v biases are not in model.py; use a released SANA checkpoint"),
+        ("norm_elementwise_affine", False, "affine block LayerNorms are not in model.py; use a released SANA "
+                                           "checkpoint"),
+        ("norm_eps", 1e-6, "model.py's block LayerNorms use eps 1e-6; use a released SANA checkpoint"),
+    ]
+    for option, value, why in only:
+        if d.get(option, value) != value:
+            raise ValueError(f"{path}: {option}={d[option]!r} is not supported ({why})")
+    if d.get("qk_norm") not in (None, "rms_norm_across_heads"):
+        raise ValueError(f"{path}: qk_norm={d['qk_norm']!r} is not supported (model.py implements only "
+                         f"'rms_norm_across_heads', the SANA-1.5 / Sprint one)")
+    heads, head_dim = d.get("num_attention_heads", 70), d.get("attention_head_dim", 32)
+    cross_dim = d.get("cross_attention_dim", 2240)
+    if cross_dim is not None and cross_dim != heads * head_dim:
+        raise ValueError(f"{path}: cross_attention_dim {cross_dim} != num_attention_heads x attention_head_dim "
+                         f"{heads * head_dim}; SANA's cross-attention works at the model width")
+    in_channels = d.get("in_channels", 32)
+    return SanaConfig(
+        in_channels=in_channels, out_channels=d.get("out_channels") or in_channels, patch_size=d.get("patch_size", 1),
+        num_heads=heads, head_dim=head_dim, depth=d.get("num_layers", 20),
+        cross_heads=d.get("num_cross_attention_heads", 20), cross_head_dim=d.get("cross_attention_head_dim", 112),
+        caption_channels=d.get("caption_channels", 2304), mlp_ratio=d.get("mlp_ratio", 2.5),
+        qk_norm=d.get("qk_norm") == "rms_norm_across_heads", guidance_embeds=bool(d.get("guidance_embeds", False)),
+        guidance_scale=d.get("guidance_embeds_scale", 0.1), time_scale=_time_scale(path, d.get("timestep_scale", 1.0)),
+        sample_size=d.get("sample_size", 32), interpolation_scale=d.get("interpolation_scale"))
+
+
+def sana_config_from_original(state, path, cross_heads=None):
+    """SanaConfig inferred from the tensor shapes of an NVlabs .pth state dict (see CROSS_HEADS_BY_WIDTH)."""
+    if "x_embedder.proj.weight" not in state or "blocks.0.mlp.inverted_conv.conv.weight" not in state:
+        raise ValueError(f"{path} has no x_embedder.proj.weight / blocks.0.mlp.* tensors: it is not an NVlabs SANA "
+                         f"checkpoint; pass a SANA .pth or a diffusers `transformer/` folder")
+    if re.search(r"[24]kpx", str(path).lower()):
+        raise ValueError(f"{path}: the 2K/4K SANA models add sincos positional embeddings, which model.py does not "
+                         f"implement; use a 512 or 1024 px checkpoint")
+    width, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+    cross_heads = cross_heads or CROSS_HEADS_BY_WIDTH.get(width)
+    if cross_heads is None or width % 32 or width % cross_heads:
+        raise ValueError(f"{path}: width {width} has no known cross-attention head count (known: "
+                         f"{CROSS_HEADS_BY_WIDTH}); pass cross_heads= (the NVlabs config's num_heads)")
+    hidden = state["blocks.0.mlp.inverted_conv.conv.weight"].shape[0] // 2          # Mix-FFN F (the GLU doubles it)
+    n_pos = state["pos_embed"].shape[1] if "pos_embed" in state else 0                 # (1, (input_size/p)^2, D)
+    return SanaConfig(
+        in_channels=in_channels, out_channels=state["final_layer.linear.weight"].shape[0] // patch**2,
+        patch_size=patch, num_heads=width // 32, head_dim=32,
+        depth=1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks.")),
+        cross_heads=cross_heads, cross_head_dim=width // cross_heads,
+        caption_channels=state["y_embedder.y_proj.fc1.weight"].shape[1], mlp_ratio=hidden / width,
+        qk_norm="blocks.0.attn.q_norm.weight" in state, guidance_embeds="cfg_embedder.mlp.0.weight" in state,
+        time_scale=_time_scale(path), sample_size=math.isqrt(n_pos) if n_pos else 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transformers: any supported checkpoint -> our module
+
+# diffusers transformer `_class_name` -> (config.json dict -> our config, our config -> key table)
+DIFFUSERS_TRANSFORMERS = {
+    "SanaTransformer2DModel": (lambda d, path: sana_config_from_diffusers(d, path), sana_diffusers_keys),
+}
+
+
+# original single-file layouts: (detect(state) -> bool, read(state, path) -> (our config, key table, dropped
+# prefixes, hint for errors)); each family section adds its row
+SINGLE_FILES = []
 
 
 def load_transformer(path, variant=None, cross_heads=None, time_scale=None, device="cpu", dtype=torch.float32):
-    """Our model.Sana from a diffusers `transformer/` folder (or a pipeline folder holding one) or an NVlabs .pth.
+    """Our module from a diffusers `transformer/` folder (or a pipeline folder holding one), or an original
+    single file (NVlabs SANA .pth). The family comes from config.json's `_class_name` (or the file's keys).
 
     variant: "fp16"/"bf16" weight files of a diffusers folder (default: fp32 if present, else the variant there).
-    cross_heads: cross-attention heads of a .pth whose width is not in CROSS_HEADS_BY_WIDTH.
-    time_scale: override the checkpoint timestep per unit flow time (default 1000, 1 for "sprint" names).
+    cross_heads: cross-attention heads of a SANA .pth whose width is not in CROSS_HEADS_BY_WIDTH.
+    time_scale: override the checkpoint timestep per unit flow time (SANA: default 1000, 1 for "sprint" names).
     Weights are read into the meta-built module without a random init, then cast to `dtype` (fp32 master weights).
+    Single files: an NVlabs SANA .pth, or a .safetensors whose layout a SINGLE_FILES row recognises.
     """
     path = str(path)
     if os.path.isdir(path):
         path, config = read_model_config(path, "transformer", "a diffusers `transformer/` folder (config.json + "
-                                                              "diffusion_pytorch_model*.safetensors) or an NVlabs .pth")
-        cfg = sana_config_from_diffusers(config, os.path.join(path, "config.json"))
-        net = load_mapped(cfg, read_diffusers_weights(path, variant, device), DIFFUSERS_KEYS, path)
+                                                              "diffusion_pytorch_model*.safetensors) or a single file")
+        kind = config.get("_class_name")
+        if kind not in DIFFUSERS_TRANSFORMERS:
+            raise ValueError(f"{path}/config.json describes a {kind!r}, not a supported transformer; use one of "
+                             f"{sorted(DIFFUSERS_TRANSFORMERS)} (the `transformer/` folder of a supported pipeline)")
+        to_config, keys = DIFFUSERS_TRANSFORMERS[kind]
+        cfg = to_config(config, os.path.join(path, "config.json"))
+        net = load_weights(lambda: build_model(cfg), read_diffusers_weights(path, variant, device), keys(cfg), path,
+                           hint="use the config.json saved with these weights (or re-download them)")
+    elif os.path.isfile(path) and path.endswith(".safetensors"):
+        state = read_safetensors(path)[0]
+        reader = next((read for detect, read in SINGLE_FILES if detect(state)), None)
+        if reader is None:
+            raise ValueError(f"{path} is not a transformer single file of a supported layout (first keys "
+                             f"{sorted(state)[:2]}); pass a diffusers `transformer/` folder instead")
+        cfg, table, dropped, hint = reader(state, path)
+        net = load_weights(lambda: build_model(cfg), state, table, path, dropped, hint=hint)
     elif os.path.isfile(path) and path.endswith((".pth", ".pt")):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
         cfg = sana_config_from_original(state, path, cross_heads)
-        net = load_mapped(cfg, state, ORIGINAL_KEYS, path, ORIGINAL_DROPPED)
+        net = load_weights(lambda: build_model(cfg), state, SANA_ORIGINAL_KEYS, path, SANA_ORIGINAL_DROPPED,
+                           hint=f"the shapes imply {_describe(cfg)}; use a SANA .pth of a supported kind")
     else:
-        raise FileNotFoundError(f"SANA checkpoint {path} does not exist or is neither a folder nor a .pth; pass a "
-                                f"diffusers `transformer/` folder or an NVlabs .pth")
+        raise FileNotFoundError(f"checkpoint {path} does not exist or is neither a folder nor a .pth; pass a "
+                                f"diffusers `transformer/` folder or an original single file")
     if time_scale is not None:
         net.config.time_scale = float(time_scale)
     return net.to(device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------
-# SANA pipeline: download, Gemma-2 prompt encoder, DC-AE, Teacher
+# SANA pipeline: Gemma-2 prompt encoder, DC-AE, Teacher
 
 # The default `complex_human_instruction` of diffusers SanaPipeline.__call__ (diffusers 0.42.1),
 # prepended to every non-empty prompt; its tokens are dropped again after encoding (see below).
@@ -557,35 +698,173 @@ def gemma_prompt_encoder(tokenizer, encoder, instruction=COMPLEX_HUMAN_INSTRUCTI
     return encode_prompts
 
 
-def download_pipeline(repo_id, variant=None):
-    """Local folder of a HF diffusers pipeline repo; downloads (once, to the HF cache) only what a teacher needs:
-    model_index.json and transformer/ vae/ text_encoder/ tokenizer/ scheduler/, one weight variant each.
-    Offline (HF_HUB_OFFLINE=1 or no network), an earlier download from the cache is used."""
-    from huggingface_hub import HfApi, snapshot_download
-    try:
-        files = HfApi().list_repo_files(repo_id)
-    except Exception as e:  # offline, unknown repo, no access: try the cache before giving up
-        try:
-            return snapshot_download(repo_id, local_files_only=True)
-        except Exception:
-            raise ValueError(f"could not download teacher {repo_id!r} ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
-                             f"check the name, your network / `huggingface-cli login`, or pass a local pipeline "
-                             f"folder") from None
-    wanted = ["model_index.json"]
-    for part in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
-        names = [f[len(part) + 1:] for f in files if f.startswith(part + "/") and f.count("/") == 1]
-        weights = [n for n in names if WEIGHT_FILE.match(n) or INDEX_FILE.match(n)]
-        wanted += [f"{part}/{n}" for n in names if n not in weights and not n.endswith((".bin", ".pth", ".ckpt"))]
-        if weights:
-            picked = pick_weights(weights, variant if part == "transformer" else None, f"{repo_id}/{part}")[1]
-            wanted += [f"{part}/{n}" for n in picked]
-    return snapshot_download(repo_id, allow_patterns=wanted)
+# diffusers AutoencoderDC name -> our vae.DCAE name: three renames, the rest is the same
+DCAE_DIFFUSERS_KEYS = [
+    ("{path}.conv_out.conv_inverted", "{path}.ffn.conv_inverted"),   # EfficientViT feed-forward (GLUMBConv): diffusers
+    ("{path}.conv_out.conv_depth", "{path}.ffn.conv_depth"),         # calls it `conv_out`
+    ("{path}.conv_out.conv_point", "{path}.ffn.conv_point"),
+    ("{path}.conv_out.norm", "{path}.ffn.norm"),
+    ("{path}.attn.to_qkv_multiscale.{i}.proj_in", "{path}.attn.aggreg.{i}.proj_in"),   # original EfficientViT: aggreg
+    ("{path}.attn.to_qkv_multiscale.{i}.proj_out", "{path}.attn.aggreg.{i}.proj_out"),
+] + IDENTITY
 
 
-def _default_device():
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    return torch.device("cpu")
+def load_dcae(folder, device="cpu", dtype=torch.float32, variant=None):
+    """(vae.DCAE, scaling_factor) from a diffusers AutoencoderDC `vae/` folder (or a pipeline folder holding one).
+
+    Every tensor is checked by name and shape against the module that config.json describes. Frozen, eval
+    mode. The teacher latent is x0 = encode(img) * scaling_factor.
+    """
+    from vae import DCAE, dcae_config_from_diffusers
+    folder, config = read_model_config(folder, "vae", "the diffusers `vae/` folder of a SANA pipeline "
+                                                      "(config.json + diffusion_pytorch_model.safetensors)")
+    cfg = dcae_config_from_diffusers(config)
+    model = load_weights(lambda: DCAE(cfg), read_diffusers_weights(folder, variant, device), DCAE_DIFFUSERS_KEYS,
+                         folder, hint="use the config.json saved with these weights, or re-download the `vae/` folder")
+    return model.to(dtype).eval().requires_grad_(False), cfg.scaling_factor
+
+
+# ----------------------------------------------------------------------------------------------
+# KL VAE (SD3, SD3.5, FLUX): diffusers folders and original single files -> vae.KLVAE
+
+# diffusers AutoencoderKL name -> our vae.KLVAE name: the resampling convs and the mid attention lose diffusers'
+# wrappers, the final norms are called norm_out (as in LDM); the rest is the same
+KL_DIFFUSERS_KEYS = [
+    ("{path}.downsamplers.0.conv", "{path}.downsample"),          # Downsample2D wraps the stride-2 conv
+    ("{path}.upsamplers.0.conv", "{path}.upsample"),              # Upsample2D wraps the conv after nearest x2
+    ("{path}.attentions.0.group_norm", "{path}.attn.norm"),       # the mid block's one (generic) Attention
+    ("{path}.attentions.0.to_q", "{path}.attn.to_q"),
+    ("{path}.attentions.0.to_k", "{path}.attn.to_k"),
+    ("{path}.attentions.0.to_v", "{path}.attn.to_v"),
+    ("{path}.attentions.0.to_out.0", "{path}.attn.to_out"),       # to_out = [Linear, Dropout]
+    ("{path}.conv_norm_out", "{path}.norm_out"),
+] + IDENTITY
+
+KL_RESNET_PARTS = [("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"),
+                   ("nin_shortcut", "conv_shortcut")]              # LDM: "network-in-network" 1x1 shortcut
+
+
+def kl_original_keys(cfg, prefix=""):
+    """Key table of the original LDM layout -> our vae.KLVAE: SAI SD3/SD3.5 single files (prefix
+    "first_stage_model.") and BFL ae.safetensors (no prefix) share it (diffusers 0.42.1
+    loaders/single_file_utils.py convert_ldm_vae_checkpoint; black-forest-labs/flux src/flux/modules/autoencoder.py).
+
+    The LDM decoder numbers its up stages by width (up.0 is the last to run, at the image's resolution), we number
+    them in execution order, so decoder.up.{i} is our up_blocks.{n-1-i}: one concrete row per stage. The mid
+    attention's q, k, v, proj_out are 1x1 convs there, Linear here.
+    """
+    n = len(cfg.block_out_channels)
+    resnets = [("encoder.down.{i}.block.{j}", "encoder.down_blocks.{i}.resnets.{j}")]
+    resnets += [(f"decoder.up.{i}.block.{{j}}", f"decoder.up_blocks.{n - 1 - i}.resnets.{{j}}") for i in range(n)]
+    rows = [("encoder.down.{i}.downsample.conv", "encoder.down_blocks.{i}.downsample")]
+    rows += [(f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{n - 1 - i}.upsample") for i in range(1, n)]
+    for coder in ("encoder", "decoder"):
+        resnets += [(f"{coder}.mid.block_1", f"{coder}.mid_block.resnets.0"),
+                    (f"{coder}.mid.block_2", f"{coder}.mid_block.resnets.1")]
+        rows += [(f"{coder}.mid.attn_1.norm", f"{coder}.mid_block.attn.norm"),
+                 (f"{coder}.mid.attn_1.q", f"{coder}.mid_block.attn.to_q", "conv1x1"),
+                 (f"{coder}.mid.attn_1.k", f"{coder}.mid_block.attn.to_k", "conv1x1"),
+                 (f"{coder}.mid.attn_1.v", f"{coder}.mid_block.attn.to_v", "conv1x1"),
+                 (f"{coder}.mid.attn_1.proj_out", f"{coder}.mid_block.attn.to_out", "conv1x1")]
+        rows += [(f"{coder}.{name}", f"{coder}.{name}") for name in ("conv_in", "norm_out", "conv_out")]
+    rows += [("quant_conv", "quant_conv"), ("post_quant_conv", "post_quant_conv")]
+    rows += [(f"{src}.{a}", f"{dst}.{b}") for src, dst in resnets for a, b in KL_RESNET_PARTS]
+    return [(prefix + src, *rest) for src, *rest in rows]
+
+
+def kl_config_from_original(state, where, prefix=""):
+    """The architecture of an LDM-layout KL VAE read from its tensor shapes (norm groups, scaling and shift are not
+    stored: KLConfig defaults)."""
+    from vae import KLConfig
+    if f"{prefix}encoder.conv_in.weight" not in state or f"{prefix}decoder.conv_in.weight" not in state:
+        raise ValueError(f"{where} has no {prefix}encoder.conv_in / {prefix}decoder.conv_in tensors: not a KL VAE in "
+                         f"the LDM layout under prefix {prefix!r}; SAI SD3 files need prefix='first_stage_model.', "
+                         f"BFL ae.safetensors prefix=''")
+    pre = re.escape(prefix)
+    widths = {int(m[1]): v.shape[0] for k, v in state.items()                  # stage i: its first ResNet's width
+              if (m := re.fullmatch(pre + r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight", k))}
+    layers = {m[1] for k in state if (m := re.match(pre + r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    return KLConfig(
+        in_channels=state[f"{prefix}encoder.conv_in.weight"].shape[1],
+        latent_channels=state[f"{prefix}decoder.conv_in.weight"].shape[1],
+        block_out_channels=tuple(widths[i] for i in sorted(widths)), layers_per_block=len(layers),
+        use_quant_conv=f"{prefix}quant_conv.weight" in state,
+        use_post_quant_conv=f"{prefix}post_quant_conv.weight" in state)
+
+
+def load_kl_vae(source, device="cpu", dtype=torch.float32, variant=None, prefix="", config=None):
+    """(vae.KLVAE, scaling_factor, shift_factor) from any layout the SD3, SD3.5 and FLUX VAE ships in. Frozen, eval.
+
+    source is one of
+      - a diffusers AutoencoderKL `vae/` folder, or a pipeline folder holding one: config.json gives the
+        architecture, scaling and shift; `variant` picks fp16/bf16 weight files (default: fp32, else the one there);
+      - an original single .safetensors file, or its {name: tensor} dict, in the LDM layout: SAI SD3/SD3.5 files
+        (prefix="first_stage_model."; the transformer and text encoder tensors beside it are skipped) or BFL's
+        ae.safetensors (prefix=""). These do not store the scaling and shift: `config` states them, as a preset
+        name of vae.KL_CONFIGS ("sd3", "flux") or a KLConfig, and its architecture must be the one the tensor
+        shapes show.
+    Every tensor is checked by name and shape (errors name the checkpoint's key). The teacher latent is
+    x0 = (encode(img) - shift_factor) * scaling_factor (kl_teacher_codec).
+    """
+    from vae import KL_CONFIGS, KLVAE, kl_config_from_diffusers
+    if isinstance(source, dict) or str(source).endswith(".safetensors"):
+        where = "the state dict" if isinstance(source, dict) else str(source)
+        if variant is not None:
+            raise ValueError(f"variant={variant!r} picks the weight files of a diffusers folder; {where} is one "
+                             f"original file: drop variant=")
+        if config is None:
+            raise ValueError(f"{where} does not store the VAE's latent scaling and shift; pass config='sd3' (SAI "
+                             f"SD3/SD3.5 files), config='flux' (BFL ae.safetensors) or a vae.KLConfig")
+        if isinstance(config, str) and config not in KL_CONFIGS:
+            raise ValueError(f"unknown KL VAE preset config={config!r}; use one of {list(KL_CONFIGS)} or a "
+                             f"vae.KLConfig")
+        name, cfg = (repr(config), KL_CONFIGS[config]) if isinstance(config, str) else ("the given KLConfig", config)
+        state = source if isinstance(source, dict) else read_safetensors(source)[0]
+        state = {k: v for k, v in state.items() if k.startswith(prefix)}   # SAI: skip model.diffusion_model.* etc.
+        found = kl_config_from_original(state, where, prefix)
+        arch = ("in_channels", "latent_channels", "block_out_channels", "layers_per_block", "use_quant_conv",
+                "use_post_quant_conv")
+        differ = [f"{a} {getattr(found, a)} (config: {getattr(cfg, a)})" for a in arch
+                  if getattr(found, a) != getattr(cfg, a)]
+        if differ:
+            raise ValueError(f"{where} holds a different VAE than config {name}: {'; '.join(differ)}; pass the "
+                             f"config of these weights")
+        model = load_weights(lambda: KLVAE(cfg), state, kl_original_keys(cfg, prefix), where,
+                             hint="pass the original file of an SD3/FLUX VAE (or the matching config)")
+    else:
+        if config is not None or prefix:
+            raise ValueError(f"config=/prefix= are for original single files; the diffusers folder {source} brings "
+                             f"its own config.json: drop them")
+        folder, d = read_model_config(source, "vae", "the diffusers `vae/` folder of an SD3 or FLUX pipeline "
+                                                     "(config.json + diffusion_pytorch_model.safetensors), or an "
+                                                     "original .safetensors file")
+        cfg = kl_config_from_diffusers(d)
+        model = load_weights(lambda: KLVAE(cfg), read_diffusers_weights(folder, variant, device), KL_DIFFUSERS_KEYS,
+                             folder, hint="use the config.json saved with these weights, or re-download `vae/`")
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), cfg.scaling_factor, cfg.shift_factor
+
+
+def kl_teacher_codec(vae, scaling_factor, shift_factor):
+    """Teacher.encode / Teacher.decode for a KL VAE, normalised as StableDiffusion3Pipeline and FluxPipeline do
+    (diffusers 0.42.1 pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py, pipelines/flux/pipeline_flux.py:
+    decode `latents / scaling_factor + shift_factor`; their img2img `_encode_vae_image`: `(z - shift) * scaling`).
+
+    encode(img, sample=False, generator=None): (B, 3, H, W) in [-1, 1] -> x0 (B, 16, H/8, W/8) in fp32, from the
+    posterior mean or (sample=True) a sample, as the official SiD-DiT data path encodes real images;
+    decode(x0) -> (B, 3, H, W) in [-1, 1], fp32, clamped.
+    """
+    device = vae.encoder.conv_in.weight.device
+
+    @torch.no_grad()
+    def encode(img, sample=False, generator=None):
+        z = vae.encode(img.to(device), sample=sample, generator=generator).float()
+        return (z - shift_factor) * scaling_factor
+
+    @torch.no_grad()
+    def decode(x0):
+        return vae.decode(x0.to(device).float() / scaling_factor + shift_factor).float().clamp(-1, 1)
+
+    return encode, decode
 
 
 def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
@@ -593,9 +872,6 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
     tokenizer/, scheduler/): our Sana + Gemma-2 through transformers + our DC-AE (vae.py)."""
     from transformers import AutoTokenizer, Gemma2Model
     folder = str(folder)
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        raise FileNotFoundError(f"{folder} has no model_index.json: it is not a diffusers pipeline folder; pass one "
-                                f"(e.g. a download of {SANA_REPOS['sana']}) or a teacher name {list(SANA_REPOS)}")
     for part in ("transformer", "vae", "text_encoder", "tokenizer"):
         if not os.path.isdir(os.path.join(folder, part)):
             raise FileNotFoundError(f"{folder} has no {part}/ folder; a SANA teacher needs transformer/, vae/, "
@@ -617,12 +893,6 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
         raise ValueError(f"{folder}: the VAE ({vae.config.latent_channels} latent channels) or text encoder (width "
                          f"{encoder.config.hidden_size}) does not fit the transformer (in {cfg.in_channels}, "
                          f"caption {cfg.caption_channels}); the pipeline folder mixes models")
-    shift = 3.0   # SANA's flow_shift at 512/1024 px; the scheduler config says so when present
-    scheduler_config = os.path.join(folder, "scheduler", "scheduler_config.json")
-    if os.path.isfile(scheduler_config):
-        with open(scheduler_config) as f:
-            sc = json.load(f)
-        shift = float(sc.get("flow_shift") or sc.get("shift") or shift)
 
     @torch.no_grad()
     def encode(img):                        # (B, 3, H, W) in [-1, 1] -> x0 (B, 32, H/32, W/32)
@@ -637,7 +907,15 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
         name=name, transformer=net, encode_prompts=gemma_prompt_encoder(tokenizer, encoder), encode=encode,
         decode=decode, latent_channels=vae.config.latent_channels, vae_factor=factor,
         resolution=cfg.sample_size * factor,                  # sample_size is the native latent side
-        sampling=dict(steps=20, guidance=4.5, shift=shift),   # the SANA pipeline's defaults (DPM-Solver++ 2M there)
+        scheduler=read_scheduler(folder), sample_steps=20, guidance=4.5,   # SanaPipeline.__call__ defaults
         train_defaults={},                                    # the paper's settings are train.py's defaults
         default_prompts=read_prompts(DEFAULT_PROMPTS),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry: model_index.json `_class_name` -> the function that assembles its Teacher
+
+PIPELINES = {
+    "SanaPipeline": load_sana_teacher,
+}

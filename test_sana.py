@@ -75,18 +75,12 @@ def run_both(ours, ref, guidance=None, time_scale=1000.0):
     return got, expected
 
 
-def to_original(ours, depth):
-    """Our state dict -> NVlabs .pth keys, by reading ORIGINAL_KEYS backwards (tuples: concatenate the parts)."""
-    orig = {}
-    for src, dst in tl.ORIGINAL_KEYS:
-        targets = dst if isinstance(dst, tuple) else (dst,)
-        for i in range(depth) if "{i}" in src else [None]:
-            for param in (".weight", ".bias", ""):
-                parts = [t.format(i=i) + param for t in targets]
-                if all(p in ours for p in parts):
-                    orig[src.format(i=i) + param] = torch.cat([ours[p] for p in parts])
+def to_original(ours):
+    """Our state dict -> NVlabs .pth keys: SANA_ORIGINAL_KEYS run backwards by the loading engine, plus the
+    training-only tensors the loader drops."""
+    orig = tl.to_checkpoint(ours, tl.SANA_ORIGINAL_KEYS)
     D = ours["patch_embed.weight"].shape[0]
-    orig["pos_embed"] = torch.zeros(1, 64, D)                       # training-only tensors the loader drops
+    orig["pos_embed"] = torch.zeros(1, 64, D)
     orig["y_embedder.y_embedding"] = torch.randn(300, ours["caption_proj.linear_1.weight"].shape[1])
     return orig
 
@@ -127,9 +121,9 @@ def test_original_pth_matches_diffusers(qk_norm, tmp_path):
     # NVlabs self-attention heads are always 32 wide (linear_head_dim), so the .pth loader assumes it
     ref = tiny_diffusers_sana(seed=7, qk_norm=qk_norm, attention_head_dim=32, cross_attention_head_dim=32,
                               cross_attention_dim=64)
-    ours_state, _, unmatched = tl.map_keys(ref.state_dict(), tl.DIFFUSERS_KEYS)
+    ours_state, _, unmatched = tl.map_keys(ref.state_dict(), tl.SANA_DIFFUSERS_KEYS)
     assert not unmatched
-    orig = to_original(ours_state, ref.config.num_layers)
+    orig = to_original(ours_state)
     if qk_norm is None:   # diffusers' own converter (no qk-norm support) must undo our inversion exactly
         back = convert_sana_transformer_to_diffusers(dict(orig))
         assert back.keys() == ref.state_dict().keys()
@@ -164,7 +158,7 @@ def test_full_size_counts(preset):
     with torch.device("meta"):
         ours, ref = Sana(cfg), SanaTransformer2DModel(**{k: v for k, v in {**HUB_CONFIG, **d}.items() if k[0] != "_"})
     ref_state = ref.state_dict()
-    mapped, _, unmatched = tl.map_keys(ref_state, tl.DIFFUSERS_KEYS)
+    mapped, _, unmatched = tl.map_keys(ref_state, tl.SANA_DIFFUSERS_KEYS)
     own = ours.state_dict()
     print(f"{preset}: ours {len(own)} tensors / {sum(v.numel() for v in own.values()) / 1e9:.4f} B, diffusers "
           f"{len(ref_state)} / {sum(v.numel() for v in ref_state.values()) / 1e9:.4f} B")
@@ -176,7 +170,7 @@ def test_full_size_counts(preset):
     assert own["blocks.0.ff.conv_inverted.weight"].shape[:2] == (5 * cfg.width, cfg.width)
 
 
-def test_download_fetches_one_weight_variant(monkeypatch):
+def test_download_fetches_one_weight_variant(monkeypatch, tmp_path):
     """download_pipeline on the file list of Efficient-Large-Model/Sana_1600M_512px_diffusers (Hub tree pages),
     with the Hub calls replaced: fp32 weights only, every config and tokenizer file, nothing else."""
     import huggingface_hub
@@ -202,7 +196,11 @@ def test_download_fetches_one_weight_variant(monkeypatch):
         asked["files"] = sorted(allow_patterns)
         return "/cache/" + repo_id
 
+    index = tmp_path / "model_index.json"      # the folders the pipeline names are the ones fetched
+    index.write_text(json.dumps({"_class_name": "SanaPipeline", **{k: ["diffusers", "X"] for k in (
+        "scheduler", "text_encoder", "tokenizer", "transformer", "vae")}}))
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: str(index))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     assert tl.download_pipeline("owner/repo") == "/cache/owner/repo"
     skipped = {f for f in listing if "fp16" in f or f.startswith(("README", "asset"))}
@@ -218,6 +216,21 @@ def test_download_fetches_one_weight_variant(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "HfApi", OfflineApi)       # offline: the cached snapshot, if any
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, local_files_only: "/cache/" + repo_id)
     assert tl.download_pipeline("owner/repo") == "/cache/owner/repo"
+
+    class GatedRepoError(OSError):   # huggingface_hub.errors.GatedRepoError needs a live HTTP response
+        pass
+
+    class GatedApi:
+        def list_repo_files(self, repo_id):
+            raise GatedRepoError("401 Client Error.\nCannot access gated repo: access to it is restricted.")
+
+    def no_cache(repo_id, local_files_only):
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", GatedApi)         # gated and not cached: the login and licence
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_cache)
+    one_line_error(ValueError, lambda: tl.download_pipeline("stabilityai/stable-diffusion-3.5-large"),
+                   "huggingface-cli login", "https://huggingface.co/stabilityai/stable-diffusion-3.5-large")
     assert tl.pick_weights(["diffusion_pytorch_model.bf16.safetensors", "config.json"]) == (
         "bf16", ["diffusion_pytorch_model.bf16.safetensors"])   # only a variant there: take it
 
@@ -300,7 +313,7 @@ def test_prompt_encoding_matches_diffusers(pipeline, teacher):
 def test_load_teacher_pipeline_folder(pipeline, teacher):
     folder, pipe = pipeline
     assert teacher.latent_shape() == (8, 8, 8) and teacher.resolution == 32 and teacher.vae_factor == 4
-    assert teacher.sampling == dict(steps=20, guidance=4.5, shift=2.5)
+    assert (teacher.sample_steps, teacher.guidance, teacher.scheduler["flow_shift"]) == (20, 4.5, 2.5)
     assert len(teacher.default_prompts) >= 300 and teacher.train_defaults == {}
     assert not any(p.requires_grad for p in teacher.transformer.parameters())
     img = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -365,7 +378,7 @@ def one_line_error(kind, fn, *words):
 
 def test_bad_inputs(saved, tmp_path):
     one_line_error(ValueError, lambda: tl.load_transformer(rewrite(saved, tmp_path / "a", {
-        "_class_name": "SD3Transformer2DModel"})), "not a SanaTransformer2DModel")
+        "_class_name": "UNet2DConditionModel"})), "UNet2DConditionModel", "not a supported transformer")
     one_line_error(ValueError, lambda: tl.load_transformer(rewrite(saved, tmp_path / "b", {
         "attention_bias": True})), "attention_bias", "not supported")
     one_line_error(FileNotFoundError, lambda: tl.load_transformer(tmp_path / "nothing"), "does not exist")

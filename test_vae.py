@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import vae
-from teacher_loaders import load_dcae
-from vae import DCAE, DCAE_CONFIGS, dcae_config_from_diffusers, diffusers_key, rename_diffusers_key
+from teacher_loaders import DCAE_DIFFUSERS_KEYS, load_dcae, map_keys, to_checkpoint
+from vae import DCAE, DCAE_CONFIGS, dcae_config_from_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderDC  # noqa: E402
@@ -155,7 +155,7 @@ def test_matches_diffusers_shuffle_variant(tmp_path):
 def test_sharded_and_bf16_variant_folders(tiny):
     ref, root = tiny
     assert len(list((root / "sharded").glob("*.safetensors"))) > 1, "fixture did not shard"
-    ref_sd = {rename_diffusers_key(k): v for k, v in ref.state_dict().items()}
+    ref_sd = map_keys(ref.state_dict(), DCAE_DIFFUSERS_KEYS)[0]
     sharded, _ = load_dcae(root / "sharded")
     for k, v in sharded.state_dict().items():
         assert torch.equal(v, ref_sd[k]), k
@@ -192,9 +192,9 @@ def test_sana_full_size_counts_and_keys():
     print(f"DC-AE f32c32: {len(ours)} tensors, {n_params / 1e6:.3f} M params")
     assert len(ours) == 375 and abs(n_params - 312.3e6) < 0.1e6
     # the key table maps every full-size diffusers tensor onto ours with the same shape, and back
-    mapped = {rename_diffusers_key(k): tuple(v.shape) for k, v in ref.items()}
-    assert mapped == {k: tuple(v.shape) for k, v in ours.items()}
-    assert all(diffusers_key(rename_diffusers_key(k)) == k for k in ref)
+    mapped, _, unmatched = map_keys(ref, DCAE_DIFFUSERS_KEYS)
+    assert not unmatched and {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in ours.items()}
+    assert to_checkpoint(mapped, DCAE_DIFFUSERS_KEYS).keys() == ref.keys()
     assert ours["encoder.down_blocks.3.0.attn.aggreg.0.proj_out.weight"].shape == (1536, 32, 1, 1)  # §7.3
     assert ours["encoder.down_blocks.3.0.attn.to_out.weight"].shape == (512, 1024)
 

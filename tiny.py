@@ -124,6 +124,10 @@ def decode_latents(z):           # (B, 48, 8, 8) -> (B, 3, 32, 32) in [-1, 1]
     return F.pixel_shuffle(z / LATENT_SCALE + LATENT_SHIFT, LATENT_FACTOR)
 
 
+# The teacher's own sampler ("pipeline"): Euler on the linear grid t_i = 1 - i/N, N = 32 steps, CFG 4.5
+SCHEDULER = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0}
+
+
 # ----------------------------------------------------------------------------------------------
 # Prompt encoder: a word table and a position table, trained with the teacher
 

@@ -103,10 +103,10 @@ def parse_args(argv=None):
 
 
 def shard(model):
-    """FSDP2: each block is its own unit (gathered just in time), then the root holds the rest."""
+    """FSDP2: each of the family's units (its blocks) is gathered just in time, then the root holds the rest."""
     from torch.distributed.fsdp import fully_shard
-    for block in model.blocks:
-        fully_shard(block)
+    for unit in model.fsdp_units():
+        fully_shard(unit)
     fully_shard(model)
 
 
