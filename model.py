@@ -411,7 +411,8 @@ class FluxConfig:
     def __post_init__(self):
         self.axes_dims_rope = tuple(self.axes_dims_rope)      # a JSON round trip gives a list
         if sum(self.axes_dims_rope) != self.head_dim:
-            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to head_dim {self.head_dim}; fix the config")
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to head_dim {self.head_dim}; fix the "
+                             f"config")
 
     @property
     def width(self):
@@ -550,7 +551,7 @@ class Flux(DiT):
         self.vector_in = MLPEmbedder(cfg.pooled_projection_dim, D, nn.SiLU())
         self.double_blocks = nn.ModuleList([FluxDoubleBlock(cfg) for _ in range(cfg.depth)])
         self.single_blocks = nn.ModuleList([FluxSingleBlock(cfg) for _ in range(cfg.depth_single)])
-        self.final_mod = nn.Linear(D, 2 * D)               # final AdaLN, rows (shift, scale) as BFL (diffusers: swapped)
+        self.final_mod = nn.Linear(D, 2 * D)               # final AdaLN, rows (shift, scale) as BFL; diffusers swaps
         self.proj_out = nn.Linear(D, cfg.in_channels * cfg.patch_size**2)
 
     def fsdp_units(self):
@@ -572,16 +573,16 @@ class Flux(DiT):
             if guidance is None:
                 raise ValueError("this FLUX checkpoint embeds the guidance scale (FLUX.1-dev): pass guidance=(B,) "
                                  "floats, e.g. 3.5")
-            g = flux_timestep(guidance.expand(B), cfg.guidance_scale, dtype)
+            g = flux_timestep(torch.as_tensor(guidance, device=x.device).expand(B), cfg.guidance_scale, dtype)
             vec = vec + self.guidance_in(timestep_features(g).to(dtype))
         vec = vec + self.vector_in(pooled.to(dtype))
         c = F.silu(vec)                                    # every AdaLN linear reads SiLU(vec)
 
         # position ids: text tokens all zeros (identity rotation), image token (0, row, col), text first
         L = txt.shape[1]
-        rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")     # (h, w) each
+        rows, cols = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
         img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).flatten(0, 1)  # (N, 3)
-        ids = torch.cat([torch.zeros(L, 3, dtype=img_ids.dtype), img_ids]).to(x.device)   # (L + N, 3)
+        ids = torch.cat([img_ids.new_zeros(L, 3), img_ids])                                # (L + N, 3)
         angles = rope_angles(ids, cfg.axes_dims_rope, cfg.theta)                          # (L + N, head_dim / 2)
         rope = (angles.cos(), angles.sin())
 

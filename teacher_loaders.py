@@ -890,11 +890,14 @@ def flux_config_from_diffusers(d, path):
     heads, head_dim = d.get("num_attention_heads", 24), d.get("attention_head_dim", 128)
     axes = tuple(d.get("axes_dims_rope", (16, 56, 56)))
     if sum(axes) != head_dim:
-        raise ValueError(f"{path}: axes_dims_rope {axes} does not sum to attention_head_dim {head_dim}; fix config.json")
+        raise ValueError(f"{path}: axes_dims_rope {axes} does not sum to attention_head_dim {head_dim}; fix "
+                         f"config.json")
     return FluxConfig(
-        in_channels=packed // 4, patch_size=2, depth=d.get("num_layers", 19), depth_single=d.get("num_single_layers", 38),
-        num_heads=heads, head_dim=head_dim, axes_dims_rope=axes, joint_attention_dim=d.get("joint_attention_dim", 4096),
-        pooled_projection_dim=d.get("pooled_projection_dim", 768), guidance_embeds=bool(d.get("guidance_embeds", False)))
+        in_channels=packed // 4, patch_size=2, depth=d.get("num_layers", 19),
+        depth_single=d.get("num_single_layers", 38), num_heads=heads, head_dim=head_dim, axes_dims_rope=axes,
+        joint_attention_dim=d.get("joint_attention_dim", 4096),
+        pooled_projection_dim=d.get("pooled_projection_dim", 768),
+        guidance_embeds=bool(d.get("guidance_embeds", False)))
 
 
 def flux_config_from_original(state, path):
@@ -916,7 +919,8 @@ def flux_config_from_original(state, path):
     return FluxConfig(
         in_channels=packed // 4, patch_size=2, depth=depth["double_blocks"], depth_single=depth["single_blocks"],
         num_heads=width // head_dim, head_dim=head_dim, axes_dims_rope=FLUX_ROPE_AXES[head_dim],
-        joint_attention_dim=state["txt_in.weight"].shape[1], pooled_projection_dim=state["vector_in.in_layer.weight"].shape[1],
+        joint_attention_dim=state["txt_in.weight"].shape[1],
+        pooled_projection_dim=state["vector_in.in_layer.weight"].shape[1],
         guidance_embeds="guidance_in.in_layer.weight" in state,
         mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / width)
 

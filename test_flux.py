@@ -74,7 +74,8 @@ def refs(tmp_path_factory):
     dev.save_pretrained(root / "dev_sharded", max_shard_size="50KB")
     schnell.save_pretrained(root / "schnell")
     assert "diffusion_pytorch_model.safetensors.index.json" in os.listdir(root / "dev_sharded")
-    return {"dev": (root / "dev", dev), "dev_sharded": (root / "dev_sharded", dev), "schnell": (root / "schnell", schnell)}
+    return {"dev": (root / "dev", dev), "dev_sharded": (root / "dev_sharded", dev),
+            "schnell": (root / "schnell", schnell)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,12 +87,14 @@ def test_transformer_matches_diffusers(case, refs):
     folder, ref = refs[case]
     ours = tl.load_transformer(folder)
     cfg = ours.config
-    assert (cfg.in_channels, cfg.patch_size, cfg.num_heads, cfg.head_dim, cfg.depth, cfg.depth_single) == (4, 2, 3, 16, 2, 2)
+    assert (cfg.in_channels, cfg.patch_size, cfg.num_heads, cfg.head_dim) == (4, 2, 3, 16)
+    assert (cfg.depth, cfg.depth_single, cfg.axes_dims_rope) == (2, 2, (4, 6, 6))
     assert cfg.guidance_embeds == (case != "schnell") and ours.img_in.weight.dtype == torch.float32
     x, t, text, pooled = flux_inputs()
     if case == "schnell":            # no guidance embedder: a guidance argument is ignored
         with torch.no_grad():
-            got, ignored = ours(x, t, text, pooled=pooled), ours(x, t, text, pooled=pooled, guidance=torch.tensor([3.5]))
+            got = ours(x, t, text, pooled=pooled)
+            ignored = ours(x, t, text, pooled=pooled, guidance=torch.tensor([3.5]))
         assert torch.equal(got, ignored)
         compare(f"flux[{case}]", got, reference(ref, x, t, text, pooled))
         return
@@ -111,7 +114,8 @@ def test_bfl_single_file_matches_diffusers(case, refs, tmp_path, monkeypatch):
     assert bfl["double_blocks.1.img_attn.qkv.weight"].shape == (3 * D, D)
     assert bfl["single_blocks.1.linear1.weight"].shape == (3 * D + 4 * D, D)    # q, k, v, mlp_in: unequal parts
     assert bfl["single_blocks.0.linear2.weight"].shape == (D, D + 4 * D)
-    assert ("guidance_in.in_layer.weight" in bfl) == (case == "dev") and len(bfl) == len(ours_state) - 2 * 2 * 4 - 2 * 6   # fused: qkv per stream, linear1
+    assert ("guidance_in.in_layer.weight" in bfl) == (case == "dev")
+    assert len(bfl) == len(ours_state) - 2 * 2 * 4 - 2 * 6          # fused: qkv per stream per block, linear1
     path = tmp_path / f"flux1-{case}.safetensors"
     save_file(bfl, path)
     monkeypatch.setattr(tl, "FLUX_ROPE_AXES", TINY_AXES)
@@ -144,7 +148,8 @@ def full_size():
 def test_full_size_counts(full_size):
     cfg, own, ref_state = full_size
     assert cfg == FLUX_CONFIGS["FLUX.1-dev"]
-    assert tl.flux_config_from_diffusers({**HUB_CONFIG, "guidance_embeds": False}, "s") == FLUX_CONFIGS["FLUX.1-schnell"]
+    schnell_cfg = tl.flux_config_from_diffusers({**HUB_CONFIG, "guidance_embeds": False}, "FLUX.1-schnell")
+    assert schnell_cfg == FLUX_CONFIGS["FLUX.1-schnell"]
     mapped, _, unmatched = tl.map_keys(ref_state, tl.FLUX_DIFFUSERS_KEYS)
     count = lambda s: (len(s), round(sum(v.numel() for v in s.values()) / 1e9, 4))
     print(f"FLUX.1-dev: ours {count(own)}, diffusers {count(ref_state)} (tensors, billions)")
