@@ -27,10 +27,14 @@ The 16-channel KL VAE of SD3, SD3.5 and FLUX (vae.KLVAE) loads from a diffusers 
 original single file (SAI `first_stage_model.*`, BFL ae.safetensors) through `load_kl_vae`; `kl_teacher_codec`
 turns it into the teacher's encode/decode with the pipelines' latent scaling and shift.
 
+FLUX.1 transformers load the same way from a diffusers `transformer/` folder or from BFL's single file
+(`flux1-dev.safetensors`, `flux1-schnell.safetensors`), whose fused qkv / linear1 tensors the key table splits.
+
 Checked against: the tiny teacher round-trips through its own safetensors file (test_train.py);
 SANA loaders and prompt encoding against diffusers/transformers on tiny random checkpoints, and
 full-size tensor/parameter counts on the meta device (test_sana.py: `python -m pytest test_sana.py -q`);
-the KL VAE loaders against diffusers AutoencoderKL and its convert_ldm_vae_checkpoint (test_kl_vae.py).
+the KL VAE loaders against diffusers AutoencoderKL and its convert_ldm_vae_checkpoint (test_kl_vae.py);
+FLUX loaders against diffusers FluxTransformer2DModel and its BFL converter (`python -m pytest test_flux.py -q`).
 """
 
 import json
@@ -42,7 +46,7 @@ from typing import Callable
 
 import torch
 
-from model import SanaConfig, build_model, config_from_dict
+from model import FluxConfig, SanaConfig, build_model, config_from_dict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, "assets")
@@ -526,7 +530,7 @@ def sana_config_from_diffusers(d, path):
     """SanaConfig from a diffusers config.json dict; options model.py does not implement are one-line errors."""
     if d.get("_class_name") != "SanaTransformer2DModel":
         raise ValueError(f"{path} describes a {d.get('_class_name')!r}, not a SanaTransformer2DModel; point at the "
-                         f"`transformer/` folder of a SANA diffusers checkpoint (e.g. {SANA_REPOS['sana']})")
+                         f"`transformer/` folder of a SANA diffusers checkpoint (e.g. {TEACHER_REPOS['sana']})")
     only = [   # (option, the one value model.py implements, what a different value means)
         ("attention_bias", False, "self-attention q/k/v biases are not in model.py; use a released SANA checkpoint"),
         ("norm_elementwise_affine", False, "affine block LayerNorms are not in model.py; use a released SANA "
@@ -911,6 +915,149 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
         train_defaults={},                                    # the paper's settings are train.py's defaults
         default_prompts=read_prompts(DEFAULT_PROMPTS),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX transformer weights -> model.Flux: declarative key tables
+
+# diffusers FluxTransformer2DModel name -> our name. Each double block's two attention streams live in one
+# diffusers `attn` (image: to_q, ...; text: add_q_proj, ...); we keep one module per stream.
+FLUX_DIFFUSERS_KEYS = [
+    ("x_embedder", "img_in"),
+    ("context_embedder", "txt_in"),
+    ("time_text_embed.timestep_embedder.{path}", "time_in.{path}"),
+    ("time_text_embed.guidance_embedder.{path}", "guidance_in.{path}"),     # FLUX.1-dev only
+    ("time_text_embed.text_embedder.{path}", "vector_in.{path}"),
+    ("transformer_blocks.{i}.norm1.linear", "double_blocks.{i}.img.mod"),
+    ("transformer_blocks.{i}.norm1_context.linear", "double_blocks.{i}.txt.mod"),
+    ("transformer_blocks.{i}.attn.to_q", "double_blocks.{i}.img.attn.to_q"),
+    ("transformer_blocks.{i}.attn.to_k", "double_blocks.{i}.img.attn.to_k"),
+    ("transformer_blocks.{i}.attn.to_v", "double_blocks.{i}.img.attn.to_v"),
+    ("transformer_blocks.{i}.attn.norm_q", "double_blocks.{i}.img.attn.norm_q"),
+    ("transformer_blocks.{i}.attn.norm_k", "double_blocks.{i}.img.attn.norm_k"),
+    ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img.proj"),
+    ("transformer_blocks.{i}.attn.add_q_proj", "double_blocks.{i}.txt.attn.to_q"),
+    ("transformer_blocks.{i}.attn.add_k_proj", "double_blocks.{i}.txt.attn.to_k"),
+    ("transformer_blocks.{i}.attn.add_v_proj", "double_blocks.{i}.txt.attn.to_v"),
+    ("transformer_blocks.{i}.attn.norm_added_q", "double_blocks.{i}.txt.attn.norm_q"),
+    ("transformer_blocks.{i}.attn.norm_added_k", "double_blocks.{i}.txt.attn.norm_k"),
+    ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt.proj"),
+    ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img.mlp.0"),
+    ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img.mlp.2"),
+    ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt.mlp.0"),
+    ("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt.mlp.2"),
+    ("single_transformer_blocks.{i}.norm.linear", "single_blocks.{i}.mod"),
+    ("single_transformer_blocks.{i}.attn.{path}", "single_blocks.{i}.attn.{path}"),
+    ("single_transformer_blocks.{i}.proj_mlp", "single_blocks.{i}.mlp_in"),
+    ("single_transformer_blocks.{i}.proj_out", "single_blocks.{i}.proj_out"),
+    # diffusers' AdaLayerNormContinuous reads its rows as (scale, shift); ours (and BFL's) are (shift, scale)
+    ("norm_out.linear", "final_mod", "swap"),
+    ("proj_out", "proj_out"),
+]
+
+# BFL single file (flux1-dev.safetensors, flux1-schnell.safetensors; keys without prefix) -> our name(s).
+FLUX_ORIGINAL_KEYS = [
+    ("img_in", "img_in"),
+    ("txt_in", "txt_in"),
+    ("time_in.in_layer", "time_in.linear_1"),
+    ("time_in.out_layer", "time_in.linear_2"),
+    ("guidance_in.in_layer", "guidance_in.linear_1"),       # FLUX.1-dev only
+    ("guidance_in.out_layer", "guidance_in.linear_2"),
+    ("vector_in.in_layer", "vector_in.linear_1"),
+    ("vector_in.out_layer", "vector_in.linear_2"),
+    ("double_blocks.{i}.img_mod.lin", "double_blocks.{i}.img.mod"),
+    # fused qkv: rows [W_q; W_k; W_v] (BFL rearranges "B L (K H D) -> K B H L D", K = 3), split into 3
+    ("double_blocks.{i}.img_attn.qkv", ("double_blocks.{i}.img.attn.to_q", "double_blocks.{i}.img.attn.to_k",
+                                        "double_blocks.{i}.img.attn.to_v")),
+    ("double_blocks.{i}.img_attn.norm.query_norm.scale", "double_blocks.{i}.img.attn.norm_q.weight"),
+    ("double_blocks.{i}.img_attn.norm.key_norm.scale", "double_blocks.{i}.img.attn.norm_k.weight"),
+    ("double_blocks.{i}.img_attn.proj", "double_blocks.{i}.img.proj"),
+    ("double_blocks.{i}.img_mlp.{j}", "double_blocks.{i}.img.mlp.{j}"),    # Sequential(Linear, GELU, Linear): 0, 2
+    ("double_blocks.{i}.txt_mod.lin", "double_blocks.{i}.txt.mod"),
+    ("double_blocks.{i}.txt_attn.qkv", ("double_blocks.{i}.txt.attn.to_q", "double_blocks.{i}.txt.attn.to_k",
+                                        "double_blocks.{i}.txt.attn.to_v")),          # split into 3, as img_attn
+    ("double_blocks.{i}.txt_attn.norm.query_norm.scale", "double_blocks.{i}.txt.attn.norm_q.weight"),
+    ("double_blocks.{i}.txt_attn.norm.key_norm.scale", "double_blocks.{i}.txt.attn.norm_k.weight"),
+    ("double_blocks.{i}.txt_attn.proj", "double_blocks.{i}.txt.proj"),
+    ("double_blocks.{i}.txt_mlp.{j}", "double_blocks.{i}.txt.mlp.{j}"),
+    ("single_blocks.{i}.modulation.lin", "single_blocks.{i}.mod"),
+    # linear1 rows [W_q; W_k; W_v; W_mlp_in], sizes (D, D, D, 4D): unequal parts, sized by our module's shapes
+    ("single_blocks.{i}.linear1", ("single_blocks.{i}.attn.to_q", "single_blocks.{i}.attn.to_k",
+                                   "single_blocks.{i}.attn.to_v", "single_blocks.{i}.mlp_in")),
+    ("single_blocks.{i}.norm.query_norm.scale", "single_blocks.{i}.attn.norm_q.weight"),
+    ("single_blocks.{i}.norm.key_norm.scale", "single_blocks.{i}.attn.norm_k.weight"),
+    ("single_blocks.{i}.linear2", "single_blocks.{i}.proj_out"),          # input columns [attention (D), MLP (4D)]
+    # LastLayer: `shift, scale = adaLN_modulation(vec).chunk(2)`: already our (shift, scale) order, no swap
+    # (diffusers' converter swaps these halves into its (scale, shift); FLUX_DIFFUSERS_KEYS swaps them back)
+    ("final_layer.adaLN_modulation.1", "final_mod"),        # adaLN_modulation = Sequential(SiLU, Linear)
+    ("final_layer.linear", "proj_out"),
+]
+
+# RoPE channels per axis by head width: BFL FluxParams of every released FLUX.1 model. The single file does not
+# store them, so a file with another head width needs its row here.
+FLUX_ROPE_AXES = {128: (16, 56, 56)}
+
+
+def flux_config_from_diffusers(d, path):
+    """FluxConfig from a diffusers FluxTransformer2DModel config.json dict. diffusers describes the PACKED view
+    (patch_size 1, in_channels 64); ours is the unpacked latent (16 channels) with the 2x2 packing as patch_size 2."""
+    if d.get("_class_name") != "FluxTransformer2DModel":
+        raise ValueError(f"{path} describes a {d.get('_class_name')!r}, not a FluxTransformer2DModel; point at the "
+                         f"`transformer/` folder of a FLUX.1 diffusers checkpoint (e.g. black-forest-labs/FLUX.1-dev)")
+    packed = d.get("in_channels", 64)
+    if d.get("patch_size", 1) != 1 or packed % 4:
+        raise ValueError(f"{path}: patch_size={d.get('patch_size')}, in_channels={packed} is not supported (FLUX.1 "
+                         f"transformers take 2x2-packed tokens: patch_size 1, in_channels 4 x latent channels)")
+    if d.get("out_channels") not in (None, packed):
+        raise ValueError(f"{path}: out_channels={d['out_channels']} != in_channels={packed} is not supported (image-"
+                         f"conditioned FLUX tools such as Fill/Canny/Depth add input channels); use FLUX.1-dev/schnell")
+    heads, head_dim = d.get("num_attention_heads", 24), d.get("attention_head_dim", 128)
+    axes = tuple(d.get("axes_dims_rope", (16, 56, 56)))
+    if sum(axes) != head_dim:
+        raise ValueError(f"{path}: axes_dims_rope {axes} does not sum to attention_head_dim {head_dim}; fix "
+                         f"config.json")
+    return FluxConfig(
+        in_channels=packed // 4, patch_size=2, depth=d.get("num_layers", 19),
+        depth_single=d.get("num_single_layers", 38), num_heads=heads, head_dim=head_dim, axes_dims_rope=axes,
+        joint_attention_dim=d.get("joint_attention_dim", 4096),
+        pooled_projection_dim=d.get("pooled_projection_dim", 768),
+        guidance_embeds=bool(d.get("guidance_embeds", False)))
+
+
+def flux_config_from_original(state, path):
+    """FluxConfig inferred from the tensor shapes of a BFL state dict: depths from block indices, width from img_in,
+    head_dim from the qk-norm scale, guidance iff guidance_in.* is there (dev: yes, schnell: no)."""
+    needed = ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "double_blocks.0.img_mlp.0.weight",
+              "double_blocks.0.img_attn.norm.query_norm.scale", "single_blocks.0.linear1.weight"]
+    if any(k not in state for k in needed):
+        raise ValueError(f"{path} has no {[k for k in needed if k not in state][0]!r}: it is not a complete BFL FLUX.1 "
+                         f"transformer file; re-download it (flux1-dev.safetensors) or pass a diffusers folder")
+    width, packed = state["img_in.weight"].shape
+    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    if head_dim not in FLUX_ROPE_AXES or width % head_dim or packed % 4:
+        raise ValueError(f"{path}: width {width}, head width {head_dim}, {packed} input channels is not a known FLUX "
+                         f"layout (RoPE axes known for head widths {sorted(FLUX_ROPE_AXES)}); use a FLUX.1 file, or "
+                         f"add its axes_dims_rope to teacher_loaders.FLUX_ROPE_AXES")
+    depth = {prefix: 1 + max(int(k.split(".")[1]) for k in state if k.startswith(prefix + "."))
+             for prefix in ("double_blocks", "single_blocks")}
+    return FluxConfig(
+        in_channels=packed // 4, patch_size=2, depth=depth["double_blocks"], depth_single=depth["single_blocks"],
+        num_heads=width // head_dim, head_dim=head_dim, axes_dims_rope=FLUX_ROPE_AXES[head_dim],
+        joint_attention_dim=state["txt_in.weight"].shape[1],
+        pooled_projection_dim=state["vector_in.in_layer.weight"].shape[1],
+        guidance_embeds="guidance_in.in_layer.weight" in state,
+        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / width)
+
+
+def read_flux_original(state, path):
+    cfg = flux_config_from_original(state, path)
+    hint = (f"the shapes imply width {cfg.width}, {cfg.depth} double + {cfg.depth_single} single blocks, guidance "
+            f"{cfg.guidance_embeds}; use an unmodified BFL FLUX.1 file (flux1-dev.safetensors)")
+    return cfg, FLUX_ORIGINAL_KEYS, (), hint
+
+
+DIFFUSERS_TRANSFORMERS["FluxTransformer2DModel"] = (flux_config_from_diffusers, lambda cfg: FLUX_DIFFUSERS_KEYS)
+SINGLE_FILES.append((lambda state: "double_blocks.0.img_attn.qkv.weight" in state, read_flux_original))
 
 
 # ----------------------------------------------------------------------------------------------
