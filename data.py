@@ -202,8 +202,12 @@ class LatentCache:
         for f in sorted(os.listdir(self.folder)):
             if f.endswith(".safetensors"):
                 path = os.path.join(self.folder, f)
-                with safe_open(path, framework="pt") as s:
-                    self.index.update(dict.fromkeys(s.keys(), path))
+                try:
+                    with safe_open(path, framework="pt") as s:
+                        self.index.update(dict.fromkeys(s.keys(), path))
+                except Exception as e:   # e.g. a disk that filled up; shards are only ever renamed into place whole
+                    raise ValueError(f"latent cache shard {path} is unreadable ({type(e).__name__}); delete it (its "
+                                     f"images are encoded again)") from None
 
     def __contains__(self, key):
         return key in self.index

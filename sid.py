@@ -10,8 +10,13 @@ One convention, used everywhere in this repo:
     x_t = (1 - t) x0 + t eps,        eps ~ N(0, I)
     networks return the velocity v = eps - x0,  so  x0 = x_t - t v  and  eps = x_t + (1 - t) v
 
+Data-aided SiD (the adversarial / Diffusion-GAN mode, official `--train_diffusiongan`) adds a discriminator
+loss to the fake-score phase and an adversarial term to the generator phase; the fake score is the
+discriminator (last section).
+
 Checked by: test_equivalence.py (every identity here, on a Gaussian mixture where E[x0 | x_t] is
-closed-form, plus an end-to-end SiD run). Run `python -m pytest test_equivalence.py -q -s`.
+closed-form, plus an end-to-end SiD run) and test_adversarial.py (the adversarial terms against hand
+formulas, fp64). Run `python -m pytest test_equivalence.py test_adversarial.py -q -s`.
 """
 
 import math

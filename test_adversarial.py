@@ -373,6 +373,8 @@ def test_bad_inputs_one_line_errors(tmp_path):
     jpg.write_bytes(b"this is text, not a JPEG")
     one_line_error(ValueError, opened(root), names[1], "cannot read image")
     one_line_error(ValueError, lambda: data.open_data("tiny", 64, enc, None), "tiny", "32x32", "--teacher tiny")
+    (tmp_path / "cache" / "latents-r0-broken.safetensors").write_bytes(b"\x10\x00")
+    one_line_error(ValueError, opened(root), "latents-r0-broken.safetensors", "unreadable", "delete it")
 
 
 def test_latent_cache_encodes_once(tmp_path):
