@@ -23,16 +23,22 @@ Every family follows one convention and one signature:
     guidance  (B,)          embedded guidance scale (guidance-distilled checkpoints only)
     v         (B, C, H, W)  velocity, v = eps - x0, so x0 = x_t - t * v
 
+    v, feats = module.forward_with_features(x, t, text, ...)   # same pass; feats (B, D) = the image-token mean
+                                                               # of the final-norm output (data-aided SiD's
+                                                               # discriminator logits)
+
 Checkpoints expect a timestep of 1000 * t (SANA, SD3) or t (SANA-Sprint teachers): that factor is
 `config.time_scale`, applied inside `forward`, never at call sites. Patchifying, packing and position ids
-also happen inside. What train.py needs from a family is in the `DiT` base class: the units FSDP2 shards
-(`fsdp_units`) and the one activation-checkpointed block loop (`run_blocks`).
+also happen inside. What train.py needs from a family is in the `DiT` base class: the two entry points
+built on the family's `final_tokens`, the units FSDP2 shards (`fsdp_units`) and the one
+activation-checkpointed block loop (`run_blocks`).
 
 Checked against: diffusers `SanaTransformer2DModel` on tiny random configs (with and without
 qk-norm, padded masks, non-square latents), max error <= 1e-4 * max|reference|; see test_sana.py.
 FLUX against diffusers `FluxTransformer2DModel` (odd head counts, non-square latents, guidance on and off;
-in bf16 with the reference's timestep cast order); see test_flux.py.
-Run `python -m pytest test_sana.py test_flux.py -q`.
+in bf16 with the reference's timestep cast order); see test_flux.py. The features of every family against
+the reference's `norm_out` output (a forward hook), token-averaged: test_adversarial.py.
+Run `python -m pytest test_sana.py test_flux.py test_adversarial.py -q`.
 """
 
 import math
@@ -169,11 +175,41 @@ def check_patch_grid(H, W, p):
 class DiT(nn.Module):
     """What train.py needs from every family, and nothing family-specific.
 
+    A family writes `final_tokens(x, t, text, text_mask, pooled, guidance) -> (tokens, h, w)`: everything up to
+    and including the final time-modulated norm, returning the IMAGE tokens (B, h*w, D) on the h x w token grid.
+    The base turns them into the two entry points, so neither is a copy of the other:
+
+        v = module(x, t, text, ...)                               # velocity (B, C, H, W); sampling, losses
+        v, feats = module.forward_with_features(x, t, text, ...)  # plus feats (B, D): the image-token mean of
+                                                                  # the final-norm tokens (data-aided SiD's
+                                                                  # discriminator logits; no head, no new weights)
+
     fsdp_units(): the submodules FSDP2 shards one by one (each gathered just in time); the root holds the rest.
+    fsdp_forward_methods: the root's entry points besides `forward`; FSDP2 hooks only `forward`, so whoever shards
+    the root must call `torch.distributed.fsdp.register_fsdp_forward_method(model, name)` for each of these
+    (otherwise the root's own weights, e.g. proj_out, stay sharded in that call).
     run_blocks(): the one block loop; with `gradient_checkpointing` on and grad enabled, each block keeps
     only its inputs and recomputes its activations in backward.
+    patch_layout: how proj_out's features are ordered per token ('pqc' DiT/SD3/SANA, 'cpq' FLUX packing).
     """
     gradient_checkpointing = False
+    fsdp_forward_methods = ("forward_with_features",)
+    patch_layout = "pqc"
+
+    def forward(self, x, t, text, text_mask=None, pooled=None, guidance=None):
+        tokens, h, w = self.final_tokens(x, t, text, text_mask, pooled, guidance)   # (B, N, D)
+        return self.velocity(tokens, h, w)                                          # (B, C, H, W)
+
+    def forward_with_features(self, x, t, text, text_mask=None, pooled=None, guidance=None):
+        """(v, feats): the velocity of `forward` and feats = mean over image tokens of the final-norm output,
+        (B, D), from the same pass (official: `return_flag='encoder_decoder'`, spatial pooling, SiD-DiT
+        training/transformer_with_encoder*.py)."""
+        tokens, h, w = self.final_tokens(x, t, text, text_mask, pooled, guidance)   # (B, N, D)
+        return self.velocity(tokens, h, w), tokens.mean(dim=1)                      # (B, C, H, W), (B, D)
+
+    def velocity(self, tokens, h, w):
+        """Output projection and unpatchify: (B, h*w, D) final-norm tokens -> (B, C, h p, w p)."""
+        return unpatchify(self.proj_out(tokens), h, w, self.config.patch_size, self.patch_layout)
 
     def fsdp_units(self):
         return list(self.blocks)
@@ -356,7 +392,8 @@ class Sana(DiT):
         self.final_scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
         self.proj_out = nn.Linear(D, p * p * cfg.out_channels)
 
-    def forward(self, x, t, text, text_mask=None, pooled=None, guidance=None):
+    def final_tokens(self, x, t, text, text_mask=None, pooled=None, guidance=None):
+        """Everything before proj_out: -> (final-norm image tokens (B, N, D), h, w)."""
         cfg, p = self.config, self.config.patch_size
         B, _, H, W = x.shape
         h, w = check_patch_grid(H, W, p)
@@ -381,10 +418,9 @@ class Sana(DiT):
 
         x = self.run_blocks(self.blocks, x, c, bias, t6, h, w)               # (B, N, D)
 
-        # final layer: modulated by the raw time embedding (no SiLU, no t_block); rows (shift, scale)
+        # final norm: modulated by the raw time embedding (no SiLU, no t_block); rows (shift, scale)
         final = Modulation(*(self.final_scale_shift_table[None] + emb[:, None]).chunk(2, dim=1))
-        x = self.proj_out(final(layer_norm(x)))                              # (B, N, p*p*C)
-        return unpatchify(x, h, w, p, "pqc")                                  # (B, C, H, W)
+        return final(layer_norm(x)), h, w                                     # (B, N, D); DiT.velocity projects
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,7 +593,9 @@ class Flux(DiT):
     def fsdp_units(self):
         return [*self.double_blocks, *self.single_blocks]
 
-    def forward(self, x, t, text, text_mask=None, pooled=None, guidance=None):
+    patch_layout = "cpq"                                   # proj_out features are FluxPipeline's packing
+
+    def final_tokens(self, x, t, text, text_mask=None, pooled=None, guidance=None):
         """text_mask is unused: FLUX attends to every T5 token, padding included, as FluxPipeline runs it."""
         cfg, p = self.config, self.config.patch_size
         B, _, H, W = x.shape
@@ -590,8 +628,7 @@ class Flux(DiT):
         z = self.run_blocks(self.single_blocks, torch.cat([txt, img], dim=1), c, rope)   # (B, L + N, D)
 
         final = Modulation(*self.final_mod(c)[:, None].chunk(2, dim=-1))     # (shift, scale), each (B, 1, D)
-        out = self.proj_out(final(layer_norm(z[:, L:])))                      # (B, N, C p p)
-        return unpatchify(out, h, w, p, "cpq")                                # (B, C, H, W)
+        return final(layer_norm(z[:, L:])), h, w                              # image tokens (B, N, D)
 
 
 # ----------------------------------------------------------------------------------------------
