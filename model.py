@@ -6,6 +6,9 @@ primitives first.
   masked softmax cross-attention to Gemma-2 text features, a gated depthwise-conv feed-forward
   (Mix-FFN / GLUMBConv) and AdaLN-single timestep modulation. The embedded `tiny` teacher is the
   same module at a small width.
+  SD3 / SD3.5 (Esser et al. 2024, arXiv 2403.03206): MMDiT, where image and text tokens keep their own
+  weights but share one attention; AdaLN-Zero from the time + pooled-text vector; SD3.5 adds per-head qk
+  RMSNorm, and SD3.5-Medium's MMDiT-X a second, image-only self-attention in its first 13 blocks.
 
 Every family follows one convention and one signature:
 
@@ -25,8 +28,9 @@ also happen inside. What train.py needs from a family is in the `DiT` base class
 (`fsdp_units`) and the one activation-checkpointed block loop (`run_blocks`).
 
 Checked against: diffusers `SanaTransformer2DModel` on tiny random configs (with and without
-qk-norm, padded masks, non-square latents), max error <= 1e-4 * max|reference|; see test_sana.py.
-Run `python -m pytest test_sana.py -q`.
+qk-norm, padded masks, non-square latents) and `SD3Transformer2DModel` (SD3, SD3.5-Medium and SD3.5-Large
+shapes: qk-norm, dual attention, non-square latents cropped out of pos_embed), max error <= 1e-4 *
+max|reference|; see test_sana.py and test_sd3.py. Run `python -m pytest test_sana.py test_sd3.py -q`.
 """
 
 import math
@@ -448,7 +452,7 @@ class StreamAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim) if out else None
 
     def qkv(self, x):                                                          # x: (B, N, D)
-        B, N, D = x.shape
+        B, N, _ = x.shape
         q, k, v = (f(x).view(B, N, self.heads, -1).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
         if self.norm_q is not None:                                           # (B, h, N, d) each
             q, k = self.norm_q(q), self.norm_k(k)
@@ -541,7 +545,7 @@ class MMDiT(DiT):
             raise ValueError(f"latent grid {h}x{w} patches exceeds pos_embed_max_size {M}; use latents of at most "
                              f"{M * p}x{M * p} pixels (images up to {M * p * 8} px with the 8x VAE)")
         top, left = (M - h) // 2, (M - w) // 2
-        return self.pos_embed.view(M, M, -1)[top:top + h, left:left + w].reshape(1, h * w, -1)
+        return self.pos_embed.reshape(M, M, -1)[top:top + h, left:left + w].reshape(1, h * w, -1)
 
     def forward(self, x, t, text, text_mask=None, pooled=None, guidance=None):
         cfg, p = self.config, self.config.patch_size
@@ -551,7 +555,7 @@ class MMDiT(DiT):
         h, w = check_patch_grid(H, W, p)
         dtype = self.x_embedder.weight.dtype
         x = self.x_embedder(x.to(dtype)).flatten(2).transpose(1, 2)           # (B, N=h*w, D)
-        x = (x + self.cropped_pos_embed(h, w).to(dtype)).contiguous()          # (B, N, D)
+        x = x + self.cropped_pos_embed(h, w).to(dtype)                        # (B, N, D)
         # conditioning vector: time (the checkpoint's timestep is 1000 t) plus the pooled text
         cond = self.t_embedder(timestep_features(cfg.time_scale * t.expand(B)).to(dtype))   # (B, D)
         cond = cond + self.y_embedder(pooled.to(dtype))                        # (B, D)

@@ -24,9 +24,13 @@ precision variant) and an original NVlabs `.pth`. `load_transformer(path)` retur
 `load_teacher("sana")` downloads (once) and assembles the whole pipeline: transformer, Gemma-2 prompt
 encoder (as diffusers SanaPipeline.encode_prompt), DC-AE (vae.py), scheduler and the bundled prompt list.
 
+SD3 / SD3.5 transformer weights come as a diffusers `transformer/` folder or an SAI single file
+(`model.diffusion_model.*`, its VAE and text encoders beside it); `load_transformer(path)` reads both.
+
 Checked against: the tiny teacher round-trips through its own safetensors file (test_train.py);
 SANA loaders and prompt encoding against diffusers/transformers on tiny random checkpoints, and
-full-size tensor/parameter counts on the meta device (test_sana.py: `python -m pytest test_sana.py -q`).
+full-size tensor/parameter counts on the meta device (test_sana.py: `python -m pytest test_sana.py -q`);
+SD3 / SD3.5 loaders likewise, SAI files cross-checked with diffusers' own converter (test_sd3.py).
 """
 
 import json
