@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import teacher_loaders as tl
-from model import MMDiT, SD3_CONFIGS, SD3Config, build_model, config_from_dict, config_to_dict
+from model import MMDiT, SD3_CONFIGS, build_model, config_from_dict, config_to_dict
 from test_sana import compare, one_line_error, rewrite
 
 TINY = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
