@@ -892,7 +892,8 @@ def sd3_config_from_diffusers(d, path):
     return SD3Config(
         depth=d.get("num_layers", 18), num_heads=heads, head_dim=head_dim, patch_size=d.get("patch_size", 2),
         in_channels=in_channels, out_channels=d.get("out_channels") or in_channels,
-        joint_attention_dim=d.get("joint_attention_dim", 4096), pooled_projection_dim=d.get("pooled_projection_dim", 2048),
+        joint_attention_dim=d.get("joint_attention_dim", 4096),
+        pooled_projection_dim=d.get("pooled_projection_dim", 2048),
         pos_embed_max_size=d.get("pos_embed_max_size", 96), sample_size=d.get("sample_size", 128),
         qk_norm=d.get("qk_norm") == "rms_norm", dual_attention_layers=tuple(d.get("dual_attention_layers", ())))
 
