@@ -6,6 +6,9 @@ primitives first.
   masked softmax cross-attention to Gemma-2 text features, a gated depthwise-conv feed-forward
   (Mix-FFN / GLUMBConv) and AdaLN-single timestep modulation. The embedded `tiny` teacher is the
   same module at a small width.
+  SD3 / SD3.5 (Esser et al. 2024, arXiv 2403.03206): MMDiT, where image and text tokens keep their own
+  weights but share one attention; AdaLN-Zero from the time + pooled-text vector; SD3.5 adds per-head qk
+  RMSNorm, and SD3.5-Medium's MMDiT-X a second, image-only self-attention in its first 13 blocks.
 
   FLUX.1 (Black Forest Labs 2024): a rectified-flow MMDiT on 2x2-packed latents with 3-axis RoPE, double-stream
   (separate image / text weights, joint attention) then single-stream (parallel attention + MLP) blocks, and
@@ -34,11 +37,13 @@ built on the family's `final_tokens`, the units FSDP2 shards (`fsdp_units`) and 
 activation-checkpointed block loop (`run_blocks`).
 
 Checked against: diffusers `SanaTransformer2DModel` on tiny random configs (with and without
-qk-norm, padded masks, non-square latents), max error <= 1e-4 * max|reference|; see test_sana.py.
-FLUX against diffusers `FluxTransformer2DModel` (odd head counts, non-square latents, guidance on and off;
-in bf16 with the reference's timestep cast order); see test_flux.py. The features of every family against
-the reference's `norm_out` output (a forward hook), token-averaged: test_adversarial.py.
-Run `python -m pytest test_sana.py test_flux.py test_adversarial.py -q`.
+qk-norm, padded masks, non-square latents) and `SD3Transformer2DModel` (SD3, SD3.5-Medium and SD3.5-Large
+shapes: qk-norm, dual attention, non-square latents cropped out of pos_embed), max error <= 1e-4 *
+max|reference|; see test_sana.py and test_sd3.py. FLUX against diffusers `FluxTransformer2DModel` (odd head
+counts, non-square latents, guidance on and off; in bf16 with the reference's timestep cast order); see
+test_flux.py. The features of every family against the reference's `norm_out` output (a forward hook),
+token-averaged: test_adversarial.py.
+Run `python -m pytest test_sana.py test_sd3.py test_flux.py test_adversarial.py -q`.
 """
 
 import math
@@ -112,6 +117,18 @@ class MLPEmbedder(nn.Module):
 
     def forward(self, x):
         return self.linear_2(self.act(self.linear_1(x)))
+
+
+class FeedForward(nn.Module):
+    """Linear(D -> mult D) -> GELU (tanh approximation) -> Linear(mult D -> D): the MLP of SD3 and FLUX blocks."""
+
+    def __init__(self, dim, mult=4.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, int(mult * dim))
+        self.fc2 = nn.Linear(int(mult * dim), dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class RMSNorm(nn.Module):
@@ -424,6 +441,176 @@ class Sana(DiT):
 
 
 # ----------------------------------------------------------------------------------------------
+# SD3 / SD3.5 (MMDiT, MMDiT-X): config and presets
+
+
+@dataclass
+class SD3Config:
+    depth: int = 24                   # joint blocks; the releases use heads = depth, width = 64 * depth
+    num_heads: int = 24               # width D = num_heads * head_dim (kept apart so tiny test configs work)
+    head_dim: int = 64
+    patch_size: int = 2               # 2x2 latent pixels per token (Conv2d patch embed)
+    in_channels: int = 16             # 16-channel KL VAE latents
+    out_channels: int = 16
+    joint_attention_dim: int = 4096   # text width: CLIP-L + CLIP-G (zero-padded to 4096) and T5-XXL tokens
+    pooled_projection_dim: int = 2048  # CLIP-L (768) + CLIP-G (1280) pooled vectors
+    pos_embed_max_size: int = 192     # M: the stored sin-cos table covers M x M patches, centre-cropped per input
+    sample_size: int = 128            # training latent side; only sets the table's base grid at random init
+    qk_norm: bool = False             # SD3.5: RMSNorm over each head's q and k (eps 1e-6)
+    dual_attention_layers: tuple = ()  # SD3.5-Medium (MMDiT-X): blocks with an extra image-only self-attention
+    time_scale: float = 1000.0        # module input t in [0,1] -> checkpoint timestep 1000 t
+
+    def __post_init__(self):           # JSON round trips give a list
+        self.dual_attention_layers = tuple(self.dual_attention_layers)
+
+    @property
+    def width(self):
+        return self.num_heads * self.head_dim
+
+
+SD3_CONFIGS = {   # diffusers SD3Transformer2DModel config.json of the stabilityai repos
+    "SD3-Medium": SD3Config(depth=24, num_heads=24, pos_embed_max_size=192),
+    "SD3.5-Medium": SD3Config(depth=24, num_heads=24, pos_embed_max_size=384, qk_norm=True,
+                              dual_attention_layers=tuple(range(13))),
+    "SD3.5-Large": SD3Config(depth=38, num_heads=38, pos_embed_max_size=192, qk_norm=True),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# SD3 / SD3.5: attention and joint block
+
+
+class StreamAttention(nn.Module):
+    """One stream's share of an attention: q, k, v projections (biased), optional per-head qk RMSNorm, and the
+    output projection (absent for the context stream of the last block, whose attention output is dropped)."""
+
+    def __init__(self, dim, heads, qk_norm, out=True):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim // heads, eps=1e-6) if qk_norm else None
+        self.norm_k = RMSNorm(dim // heads, eps=1e-6) if qk_norm else None
+        self.to_out = nn.Linear(dim, dim) if out else None
+
+    def qkv(self, x):                                                          # x: (B, N, D)
+        B, N, _ = x.shape
+        q, k, v = (f(x).view(B, N, self.heads, -1).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        if self.norm_q is not None:                                           # (B, h, N, d) each
+            q, k = self.norm_q(q), self.norm_k(k)
+        return q, k, v
+
+    def forward(self, x):
+        """Plain self-attention within this stream (MMDiT-X's attn2)."""
+        out = attention(*self.qkv(x))                                          # (B, h, N, d)
+        return self.to_out(out.transpose(1, 2).flatten(2))                     # (B, N, D)
+
+
+class JointBlock(nn.Module):
+    """MMDiT block: image tokens x and context tokens c, each with its own AdaLN-Zero modulation, q/k/v and MLP,
+    share one attention over [x; c]. With `dual`, x also gets an image-only self-attention (MMDiT-X). The last
+    block is `context_pre_only`: c gives keys and values, is modulated by (shift, scale) only, and is not updated.
+    """
+
+    def __init__(self, cfg: SD3Config, dual, context_pre_only):
+        super().__init__()
+        D, heads = cfg.width, cfg.num_heads
+        self.x_mod = nn.Linear(D, (9 if dual else 6) * D)             # (shift, scale, gate) x (attn, mlp[, attn2])
+        self.x_attn = StreamAttention(D, heads, cfg.qk_norm)
+        self.x_attn2 = StreamAttention(D, heads, cfg.qk_norm) if dual else None
+        self.x_mlp = FeedForward(D)
+        self.context_mod = nn.Linear(D, (2 if context_pre_only else 6) * D)
+        self.context_attn = StreamAttention(D, heads, cfg.qk_norm, out=not context_pre_only)
+        self.context_mlp = None if context_pre_only else FeedForward(D)
+
+    def forward(self, x, c, cond):                          # x: (B, N, D), c: (B, S, D), cond: (B, D)
+        cond = F.silu(cond)
+        attn, mlp, *dual = modulations(self.x_mod(cond), 3 if self.x_attn2 is not None else 2)
+        if self.context_mlp is None:                        # last block: rows (shift, scale), no gate
+            c_attn = Modulation(*self.context_mod(cond)[:, None].chunk(2, dim=-1))
+        else:
+            c_attn, c_mlp = modulations(self.context_mod(cond), 2)
+
+        # joint attention over [image; context] tokens (the order is free: no mask, no RoPE)
+        x_normed = layer_norm(x)
+        qx, kx, vx = self.x_attn.qkv(attn(x_normed))                          # (B, h, N, d) each
+        qc, kc, vc = self.context_attn.qkv(c_attn(layer_norm(c)))              # (B, h, S, d) each
+        out = attention(torch.cat([qx, qc], 2), torch.cat([kx, kc], 2), torch.cat([vx, vc], 2))  # (B, h, N+S, d)
+        out_x, out_c = out.transpose(1, 2).flatten(2).split([x.shape[1], c.shape[1]], dim=1)    # (B, N|S, D)
+
+        x = x + attn.gate * self.x_attn.to_out(out_x)
+        if dual:                                            # MMDiT-X: modulates the same LN(x), not a fresh one
+            attn2, = dual
+            x = x + attn2.gate * self.x_attn2(attn2(x_normed))
+        x = x + mlp.gate * self.x_mlp(mlp(layer_norm(x)))
+        if self.context_mlp is None:                        # the context's attention output is dropped
+            return x, c
+        c = c + c_attn.gate * self.context_attn.to_out(out_c)
+        c = c + c_mlp.gate * self.context_mlp(c_mlp(layer_norm(c)))
+        return x, c
+
+
+# ----------------------------------------------------------------------------------------------
+# SD3 / SD3.5: top model
+
+
+class MMDiT(DiT):
+    """SD3 / SD3.5 transformer (Esser et al. 2024, arXiv 2403.03206; MMDiT-X: Stability-AI/sd3.5 mmditx.py).
+
+    text: (B, S, 4096) the joint CLIP+T5 sequence; pooled: (B, 2048). text_mask and guidance are not used:
+    SD3 attends to every text position (its pipelines pass no mask) and is not guidance-distilled.
+    """
+
+    def __init__(self, cfg: SD3Config):
+        super().__init__()
+        self.config = cfg
+        D, p, M = cfg.width, cfg.patch_size, cfg.pos_embed_max_size
+        self.x_embedder = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
+        # the checkpoints store this (1, M^2, D) table; at random init it is the sin-cos table diffusers builds
+        self.register_buffer("pos_embed", sincos_pos_embed(D, M, M, cfg.sample_size // p)[None])
+        self.t_embedder = MLPEmbedder(256, D, nn.SiLU())
+        self.y_embedder = MLPEmbedder(cfg.pooled_projection_dim, D, nn.SiLU())
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, D)
+        self.joint_blocks = nn.ModuleList([JointBlock(cfg, i in cfg.dual_attention_layers, i == cfg.depth - 1)
+                                           for i in range(cfg.depth)])
+        self.final_mod = nn.Linear(D, 2 * D)               # final AdaLN, rows (shift, scale) as SAI
+        self.proj_out = nn.Linear(D, p * p * cfg.out_channels)
+
+    def fsdp_units(self):
+        return list(self.joint_blocks)
+
+    def cropped_pos_embed(self, h, w):
+        """The centre h x w window of the stored M x M table, flattened row-major: (1, h w, D)."""
+        M = self.config.pos_embed_max_size
+        if h > M or w > M:
+            p = self.config.patch_size
+            raise ValueError(f"latent grid {h}x{w} patches exceeds pos_embed_max_size {M}; use latents of at most "
+                             f"{M * p}x{M * p} pixels (images up to {M * p * 8} px with the 8x VAE)")
+        top, left = (M - h) // 2, (M - w) // 2
+        return self.pos_embed.reshape(M, M, -1)[top:top + h, left:left + w].reshape(1, h * w, -1)
+
+    def final_tokens(self, x, t, text, text_mask=None, pooled=None, guidance=None):
+        cfg, p = self.config, self.config.patch_size
+        if pooled is None:
+            raise ValueError("SD3 needs pooled=(B, 2048) pooled CLIP text features (teacher.encode_prompts gives them)")
+        B, _, H, W = x.shape
+        h, w = check_patch_grid(H, W, p)
+        dtype = self.x_embedder.weight.dtype
+        x = self.x_embedder(x.to(dtype)).flatten(2).transpose(1, 2)           # (B, N=h*w, D)
+        x = x + self.cropped_pos_embed(h, w).to(dtype)                        # (B, N, D)
+        # conditioning vector: time (the checkpoint's timestep is 1000 t) plus the pooled text
+        cond = self.t_embedder(timestep_features(cfg.time_scale * t.expand(B)).to(dtype))   # (B, D)
+        cond = cond + self.y_embedder(pooled.to(dtype))                        # (B, D)
+        c = self.context_embedder(text.to(dtype))                              # (B, S, D)
+
+        x, _ = self.run_blocks(self.joint_blocks, (x, c), cond)               # (B, N, D)
+
+        final = Modulation(*self.final_mod(F.silu(cond))[:, None].chunk(2, dim=-1))
+        return final(layer_norm(x)), h, w                                     # (B, N, D); DiT.velocity projects
+
+
+# ----------------------------------------------------------------------------------------------
 # FLUX: config and presets
 
 
@@ -519,8 +706,7 @@ class FluxStream(nn.Module):
         self.mod = nn.Linear(D, 6 * D)                     # (shift, scale, gate) for attention, then for the MLP
         self.attn = FluxQKV(D, cfg.head_dim)
         self.proj = nn.Linear(D, D)
-        self.mlp = nn.Sequential(nn.Linear(D, int(cfg.mlp_ratio * D)), nn.GELU(approximate="tanh"),
-                                 nn.Linear(int(cfg.mlp_ratio * D), D))
+        self.mlp = FeedForward(D, cfg.mlp_ratio)
 
 
 class FluxDoubleBlock(nn.Module):
@@ -636,6 +822,7 @@ class Flux(DiT):
 
 FAMILIES = {   # config class -> module class; each family section adds its row
     SanaConfig: Sana,
+    SD3Config: MMDiT,
     FluxConfig: Flux,
 }
 

@@ -30,9 +30,13 @@ turns it into the teacher's encode/decode with the pipelines' latent scaling and
 FLUX.1 transformers load the same way from a diffusers `transformer/` folder or from BFL's single file
 (`flux1-dev.safetensors`, `flux1-schnell.safetensors`), whose fused qkv / linear1 tensors the key table splits.
 
+SD3 / SD3.5 transformer weights come as a diffusers `transformer/` folder or an SAI single file
+(`model.diffusion_model.*`, its VAE and text encoders beside it); `load_transformer(path)` reads both.
+
 Checked against: the tiny teacher round-trips through its own safetensors file (test_train.py);
 SANA loaders and prompt encoding against diffusers/transformers on tiny random checkpoints, and
 full-size tensor/parameter counts on the meta device (test_sana.py: `python -m pytest test_sana.py -q`);
+SD3 / SD3.5 loaders likewise, SAI files cross-checked with diffusers' own converter (test_sd3.py);
 the KL VAE loaders against diffusers AutoencoderKL and its convert_ldm_vae_checkpoint (test_kl_vae.py);
 FLUX loaders against diffusers FluxTransformer2DModel and its BFL converter (`python -m pytest test_flux.py -q`).
 """
@@ -46,7 +50,7 @@ from typing import Callable
 
 import torch
 
-from model import FluxConfig, SanaConfig, build_model, config_from_dict
+from model import FluxConfig, SanaConfig, SD3Config, build_model, config_from_dict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, "assets")
@@ -918,6 +922,152 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# SD3 / SD3.5 transformer weights -> model.MMDiT: declarative key tables, configs, registration
+
+
+def sd3_diffusers_keys(cfg):
+    """diffusers SD3Transformer2DModel name -> our name (diffusers 0.42.1 models/transformers/transformer_sd3.py,
+    models/attention.py JointTransformerBlock). Renames, and two AdaLayerNormContinuous linears whose rows diffusers
+    orders (scale, shift) where ours (and SAI's) are (shift, scale): they swap halves."""
+    last = cfg.depth - 1
+    T, J = "transformer_blocks.{i}", "joint_blocks.{i}"
+    return [
+        ("pos_embed.pos_embed", "pos_embed"),                     # PatchEmbed holds the (1, M^2, D) table
+        ("pos_embed.proj", "x_embedder"),
+        ("time_text_embed.timestep_embedder.linear_1", "t_embedder.linear_1"),
+        ("time_text_embed.timestep_embedder.linear_2", "t_embedder.linear_2"),
+        ("time_text_embed.text_embedder.linear_1", "y_embedder.linear_1"),
+        ("time_text_embed.text_embedder.linear_2", "y_embedder.linear_2"),
+        ("context_embedder", "context_embedder"),
+        # the last block's context modulation is an AdaLayerNormContinuous: (scale, shift) in diffusers
+        (f"transformer_blocks.{last}.norm1_context.linear", f"joint_blocks.{last}.context_mod", "swap"),
+        (f"{T}.norm1.linear", f"{J}.x_mod"),
+        (f"{T}.norm1_context.linear", f"{J}.context_mod"),
+        *[(f"{T}.attn.to_{n}", f"{J}.x_attn.to_{n}") for n in "qkv"],
+        (f"{T}.attn.norm_q", f"{J}.x_attn.norm_q"),
+        (f"{T}.attn.norm_k", f"{J}.x_attn.norm_k"),
+        (f"{T}.attn.to_out.0", f"{J}.x_attn.to_out"),
+        *[(f"{T}.attn.add_{n}_proj", f"{J}.context_attn.to_{n}") for n in "qkv"],
+        (f"{T}.attn.norm_added_q", f"{J}.context_attn.norm_q"),
+        (f"{T}.attn.norm_added_k", f"{J}.context_attn.norm_k"),
+        (f"{T}.attn.to_add_out", f"{J}.context_attn.to_out"),
+        *[(f"{T}.attn2.to_{n}", f"{J}.x_attn2.to_{n}") for n in "qkv"],   # MMDiT-X layers
+        (f"{T}.attn2.norm_q", f"{J}.x_attn2.norm_q"),
+        (f"{T}.attn2.norm_k", f"{J}.x_attn2.norm_k"),
+        (f"{T}.attn2.to_out.0", f"{J}.x_attn2.to_out"),
+        (f"{T}.ff.net.0.proj", f"{J}.x_mlp.fc1"),
+        (f"{T}.ff.net.2", f"{J}.x_mlp.fc2"),
+        (f"{T}.ff_context.net.0.proj", f"{J}.context_mlp.fc1"),
+        (f"{T}.ff_context.net.2", f"{J}.context_mlp.fc2"),
+        ("norm_out.linear", "final_mod", "swap"),               # AdaLayerNormContinuous: (scale, shift) in diffusers
+        ("proj_out", "proj_out"),
+    ]
+
+
+# Stability-AI/sd3.5 mmditx.py (MMDiTX) name -> our name, after the single file's `model.diffusion_model.` prefix.
+# Fused qkv tensors split into our q, k, v; SAI orders every AdaLN row (shift, scale[, gate]) as we do: no swaps.
+SAI_PREFIX = "model.diffusion_model."
+SD3_ORIGINAL_KEYS = [(SAI_PREFIX + src, *rest) for src, *rest in [
+    ("pos_embed", "pos_embed"),
+    ("x_embedder.proj", "x_embedder"),
+    ("t_embedder.mlp.0", "t_embedder.linear_1"),
+    ("t_embedder.mlp.2", "t_embedder.linear_2"),
+    ("y_embedder.mlp.0", "y_embedder.linear_1"),
+    ("y_embedder.mlp.2", "y_embedder.linear_2"),
+    ("context_embedder", "context_embedder"),
+    ("joint_blocks.{i}.x_block.adaLN_modulation.1", "joint_blocks.{i}.x_mod"),   # Sequential(SiLU, Linear)
+    ("joint_blocks.{i}.x_block.attn.qkv", tuple(f"joint_blocks.{{i}}.x_attn.to_{n}" for n in "qkv")),  # split 3
+    ("joint_blocks.{i}.x_block.attn.ln_q", "joint_blocks.{i}.x_attn.norm_q"),
+    ("joint_blocks.{i}.x_block.attn.ln_k", "joint_blocks.{i}.x_attn.norm_k"),
+    ("joint_blocks.{i}.x_block.attn.proj", "joint_blocks.{i}.x_attn.to_out"),
+    ("joint_blocks.{i}.x_block.attn2.qkv", tuple(f"joint_blocks.{{i}}.x_attn2.to_{n}" for n in "qkv")),
+    ("joint_blocks.{i}.x_block.attn2.ln_q", "joint_blocks.{i}.x_attn2.norm_q"),
+    ("joint_blocks.{i}.x_block.attn2.ln_k", "joint_blocks.{i}.x_attn2.norm_k"),
+    ("joint_blocks.{i}.x_block.attn2.proj", "joint_blocks.{i}.x_attn2.to_out"),
+    ("joint_blocks.{i}.x_block.mlp.fc1", "joint_blocks.{i}.x_mlp.fc1"),
+    ("joint_blocks.{i}.x_block.mlp.fc2", "joint_blocks.{i}.x_mlp.fc2"),
+    ("joint_blocks.{i}.context_block.adaLN_modulation.1", "joint_blocks.{i}.context_mod"),
+    ("joint_blocks.{i}.context_block.attn.qkv", tuple(f"joint_blocks.{{i}}.context_attn.to_{n}" for n in "qkv")),
+    ("joint_blocks.{i}.context_block.attn.ln_q", "joint_blocks.{i}.context_attn.norm_q"),
+    ("joint_blocks.{i}.context_block.attn.ln_k", "joint_blocks.{i}.context_attn.norm_k"),
+    ("joint_blocks.{i}.context_block.attn.proj", "joint_blocks.{i}.context_attn.to_out"),
+    ("joint_blocks.{i}.context_block.mlp.fc1", "joint_blocks.{i}.context_mlp.fc1"),
+    ("joint_blocks.{i}.context_block.mlp.fc2", "joint_blocks.{i}.context_mlp.fc2"),
+    ("final_layer.adaLN_modulation.1", "final_mod"),
+    ("final_layer.linear", "proj_out"),
+]]
+
+
+def _describe_sd3(cfg):
+    return (f"depth {cfg.depth}, heads {cfg.num_heads}x{cfg.head_dim}, pos_embed_max_size {cfg.pos_embed_max_size}, "
+            f"qk_norm {cfg.qk_norm}, dual attention layers {list(cfg.dual_attention_layers)}")
+
+
+def sd3_config_from_diffusers(d, path):
+    """SD3Config from a diffusers SD3Transformer2DModel config.json dict; options model.py lacks are one-line errors."""
+    if d.get("qk_norm") not in (None, "rms_norm"):
+        raise ValueError(f"{path}: qk_norm={d['qk_norm']!r} is not supported (model.py implements SD3.5's per-head "
+                         f"'rms_norm', or none as SD3)")
+    heads, head_dim = d.get("num_attention_heads", 18), d.get("attention_head_dim", 64)
+    if d.get("caption_projection_dim", 1152) != heads * head_dim:
+        raise ValueError(f"{path}: caption_projection_dim {d.get('caption_projection_dim', 1152)} != "
+                         f"num_attention_heads x attention_head_dim {heads * head_dim}; SD3's context stream works at "
+                         f"the model width")
+    if not d.get("pos_embed_max_size", 96):
+        raise ValueError(f"{path}: pos_embed_max_size is {d['pos_embed_max_size']!r}; model.py needs the stored, "
+                         f"centre-cropped table of the SD3 releases (pos_embed_max_size 192 or 384)")
+    in_channels = d.get("in_channels", 16)
+    return SD3Config(
+        depth=d.get("num_layers", 18), num_heads=heads, head_dim=head_dim, patch_size=d.get("patch_size", 2),
+        in_channels=in_channels, out_channels=d.get("out_channels") or in_channels,
+        joint_attention_dim=d.get("joint_attention_dim", 4096),
+        pooled_projection_dim=d.get("pooled_projection_dim", 2048),
+        pos_embed_max_size=d.get("pos_embed_max_size", 96), sample_size=d.get("sample_size", 128),
+        qk_norm=d.get("qk_norm") == "rms_norm", dual_attention_layers=tuple(d.get("dual_attention_layers", ())))
+
+
+def sd3_config_from_original(state, path):
+    """SD3Config inferred from the shapes of an SAI single file's `model.diffusion_model.*` tensors (section 2.4 of
+    the architecture notes; as diffusers' single-file loader infers it)."""
+    P = SAI_PREFIX
+    missing = [k for k in ("x_embedder.proj.weight", "pos_embed", "context_embedder.weight", "y_embedder.mlp.0.weight",
+                           "final_layer.linear.weight") if P + k not in state]
+    if missing:
+        raise ValueError(f"{path} has no {P}{missing[0]}: it is not a complete SAI SD3/SD3.5 single file; pass "
+                         f"sd3_medium.safetensors / sd3.5_*.safetensors or a diffusers `transformer/` folder")
+    width, in_channels, p, _ = state[P + "x_embedder.proj.weight"].shape
+    n_pos = state[P + "pos_embed"].shape[1]                                    # (1, M^2, D)
+    M = math.isqrt(n_pos)
+    blocks = {int(k.split(".")[3]) for k in state if k.startswith(P + "joint_blocks.")}
+    ln_q = next((v for k, v in state.items() if k.startswith(P) and k.endswith(".ln_q.weight")), None)
+    head_dim = ln_q.shape[0] if ln_q is not None else 64       # SAI fixes 64 (heads = depth, width = 64 depth)
+    if M * M != n_pos or width % head_dim:
+        raise ValueError(f"{path}: pos_embed has {n_pos} positions (not a square) or width {width} is not a multiple "
+                         f"of head size {head_dim}; the file is not an SAI SD3/SD3.5 transformer")
+    return SD3Config(
+        depth=max(blocks) + 1, num_heads=width // head_dim, head_dim=head_dim, patch_size=p, in_channels=in_channels,
+        out_channels=state[P + "final_layer.linear.weight"].shape[0] // p**2,
+        joint_attention_dim=state[P + "context_embedder.weight"].shape[1],
+        pooled_projection_dim=state[P + "y_embedder.mlp.0.weight"].shape[1], pos_embed_max_size=M,
+        qk_norm=ln_q is not None,
+        dual_attention_layers=tuple(sorted(int(k.split(".")[3]) for k in state
+                                           if k.startswith(P) and ".x_block.attn2.qkv.weight" in k)))
+
+
+def read_sai_single_file(state, path):
+    """(config, key table, dropped keys, hint) of an SAI single file. Everything outside `model.diffusion_model.`
+    (the `first_stage_model.` VAE, `text_encoders.*`, anything else) is left to the other loaders."""
+    cfg = sd3_config_from_original(state, path)
+    dropped = tuple(k for k in state if not k.startswith(SAI_PREFIX))
+    return cfg, SD3_ORIGINAL_KEYS, dropped, f"the shapes imply {_describe_sd3(cfg)}; use an SAI SD3/SD3.5 file"
+
+
+DIFFUSERS_TRANSFORMERS["SD3Transformer2DModel"] = (sd3_config_from_diffusers, sd3_diffusers_keys)
+SINGLE_FILES.append((lambda state: any(k.startswith(SAI_PREFIX + "joint_blocks.") for k in state),
+                     read_sai_single_file))
+
+
+# ----------------------------------------------------------------------------------------------
 # FLUX transformer weights -> model.Flux: declarative key tables
 
 # diffusers FluxTransformer2DModel name -> our name. Each double block's two attention streams live in one
@@ -942,10 +1092,10 @@ FLUX_DIFFUSERS_KEYS = [
     ("transformer_blocks.{i}.attn.norm_added_q", "double_blocks.{i}.txt.attn.norm_q"),
     ("transformer_blocks.{i}.attn.norm_added_k", "double_blocks.{i}.txt.attn.norm_k"),
     ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt.proj"),
-    ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img.mlp.0"),
-    ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img.mlp.2"),
-    ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt.mlp.0"),
-    ("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt.mlp.2"),
+    ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img.mlp.fc1"),
+    ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img.mlp.fc2"),
+    ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt.mlp.fc1"),
+    ("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt.mlp.fc2"),
     ("single_transformer_blocks.{i}.norm.linear", "single_blocks.{i}.mod"),
     ("single_transformer_blocks.{i}.attn.{path}", "single_blocks.{i}.attn.{path}"),
     ("single_transformer_blocks.{i}.proj_mlp", "single_blocks.{i}.mlp_in"),
@@ -972,14 +1122,16 @@ FLUX_ORIGINAL_KEYS = [
     ("double_blocks.{i}.img_attn.norm.query_norm.scale", "double_blocks.{i}.img.attn.norm_q.weight"),
     ("double_blocks.{i}.img_attn.norm.key_norm.scale", "double_blocks.{i}.img.attn.norm_k.weight"),
     ("double_blocks.{i}.img_attn.proj", "double_blocks.{i}.img.proj"),
-    ("double_blocks.{i}.img_mlp.{j}", "double_blocks.{i}.img.mlp.{j}"),    # Sequential(Linear, GELU, Linear): 0, 2
+    ("double_blocks.{i}.img_mlp.0", "double_blocks.{i}.img.mlp.fc1"),      # Sequential(Linear, GELU, Linear)
+    ("double_blocks.{i}.img_mlp.2", "double_blocks.{i}.img.mlp.fc2"),
     ("double_blocks.{i}.txt_mod.lin", "double_blocks.{i}.txt.mod"),
     ("double_blocks.{i}.txt_attn.qkv", ("double_blocks.{i}.txt.attn.to_q", "double_blocks.{i}.txt.attn.to_k",
                                         "double_blocks.{i}.txt.attn.to_v")),          # split into 3, as img_attn
     ("double_blocks.{i}.txt_attn.norm.query_norm.scale", "double_blocks.{i}.txt.attn.norm_q.weight"),
     ("double_blocks.{i}.txt_attn.norm.key_norm.scale", "double_blocks.{i}.txt.attn.norm_k.weight"),
     ("double_blocks.{i}.txt_attn.proj", "double_blocks.{i}.txt.proj"),
-    ("double_blocks.{i}.txt_mlp.{j}", "double_blocks.{i}.txt.mlp.{j}"),
+    ("double_blocks.{i}.txt_mlp.0", "double_blocks.{i}.txt.mlp.fc1"),
+    ("double_blocks.{i}.txt_mlp.2", "double_blocks.{i}.txt.mlp.fc2"),
     ("single_blocks.{i}.modulation.lin", "single_blocks.{i}.mod"),
     # linear1 rows [W_q; W_k; W_v; W_mlp_in], sizes (D, D, D, 4D): unequal parts, sized by our module's shapes
     ("single_blocks.{i}.linear1", ("single_blocks.{i}.attn.to_q", "single_blocks.{i}.attn.to_k",
