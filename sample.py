@@ -74,13 +74,13 @@ def scheduler_config(config):
     whose grid or step we do not reproduce (never silently sampled differently)."""
     kind = config.get("_class_name")
     if kind not in DEFAULTS:
-        raise ValueError(f"scheduler {kind!r} (scheduler_config.json _class_name) is not implemented; put a FlowMatchEulerDiscreteScheduler or a flow "
-                         f"DPMSolverMultistepScheduler scheduler_config.json in the pipeline's scheduler/ folder")
+        raise ValueError(f"scheduler {kind!r} (scheduler_config.json _class_name) is not implemented; put a "
+                         f"FlowMatchEulerDiscreteScheduler or a flow DPMSolverMultistepScheduler config in scheduler/")
     config = {**DEFAULTS[kind], **config}
     for option, ours in UNSUPPORTED[kind]:
         if config[option] not in ours:
             raise ValueError(f"{kind} option {option}={config[option]!r} is not implemented (sample.py reproduces "
-                             f"{option} in {list(ours)}); edit the pipeline's scheduler_config.json or add it to sample.py")
+                             f"{option} in {list(ours)}); edit scheduler/scheduler_config.json or add it to sample.py")
     return config
 
 
