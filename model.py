@@ -7,6 +7,10 @@ primitives first.
   (Mix-FFN / GLUMBConv) and AdaLN-single timestep modulation. The embedded `tiny` teacher is the
   same module at a small width.
 
+  FLUX.1 (Black Forest Labs 2024): a rectified-flow MMDiT on 2x2-packed latents with 3-axis RoPE, double-stream
+  (separate image / text weights, joint attention) then single-stream (parallel attention + MLP) blocks, and
+  the guidance scale as an input of the guidance-distilled FLUX.1-dev.
+
 Every family follows one convention and one signature:
 
     v = module(x, t, text, text_mask=None, pooled=None, guidance=None)
@@ -19,14 +23,22 @@ Every family follows one convention and one signature:
     guidance  (B,)          embedded guidance scale (guidance-distilled checkpoints only)
     v         (B, C, H, W)  velocity, v = eps - x0, so x0 = x_t - t * v
 
+    v, feats = module.forward_with_features(x, t, text, ...)   # same pass; feats (B, D) = the image-token mean
+                                                               # of the final-norm output (data-aided SiD's
+                                                               # discriminator logits)
+
 Checkpoints expect a timestep of 1000 * t (SANA, SD3) or t (SANA-Sprint teachers): that factor is
 `config.time_scale`, applied inside `forward`, never at call sites. Patchifying, packing and position ids
-also happen inside. What train.py needs from a family is in the `DiT` base class: the units FSDP2 shards
-(`fsdp_units`) and the one activation-checkpointed block loop (`run_blocks`).
+also happen inside. What train.py needs from a family is in the `DiT` base class: the two entry points
+built on the family's `final_tokens`, the units FSDP2 shards (`fsdp_units`) and the one
+activation-checkpointed block loop (`run_blocks`).
 
 Checked against: diffusers `SanaTransformer2DModel` on tiny random configs (with and without
 qk-norm, padded masks, non-square latents), max error <= 1e-4 * max|reference|; see test_sana.py.
-Run `python -m pytest test_sana.py -q`.
+FLUX against diffusers `FluxTransformer2DModel` (odd head counts, non-square latents, guidance on and off;
+in bf16 with the reference's timestep cast order); see test_flux.py. The features of every family against
+the reference's `norm_out` output (a forward hook), token-averaged: test_adversarial.py.
+Run `python -m pytest test_sana.py test_flux.py test_adversarial.py -q`.
 """
 
 import math
@@ -163,11 +175,41 @@ def check_patch_grid(H, W, p):
 class DiT(nn.Module):
     """What train.py needs from every family, and nothing family-specific.
 
+    A family writes `final_tokens(x, t, text, text_mask, pooled, guidance) -> (tokens, h, w)`: everything up to
+    and including the final time-modulated norm, returning the IMAGE tokens (B, h*w, D) on the h x w token grid.
+    The base turns them into the two entry points, so neither is a copy of the other:
+
+        v = module(x, t, text, ...)                               # velocity (B, C, H, W); sampling, losses
+        v, feats = module.forward_with_features(x, t, text, ...)  # plus feats (B, D): the image-token mean of
+                                                                  # the final-norm tokens (data-aided SiD's
+                                                                  # discriminator logits; no head, no new weights)
+
     fsdp_units(): the submodules FSDP2 shards one by one (each gathered just in time); the root holds the rest.
+    fsdp_forward_methods: the root's entry points besides `forward`; FSDP2 hooks only `forward`, so whoever shards
+    the root must call `torch.distributed.fsdp.register_fsdp_forward_method(model, name)` for each of these
+    (otherwise the root's own weights, e.g. proj_out, stay sharded in that call).
     run_blocks(): the one block loop; with `gradient_checkpointing` on and grad enabled, each block keeps
     only its inputs and recomputes its activations in backward.
+    patch_layout: how proj_out's features are ordered per token ('pqc' DiT/SD3/SANA, 'cpq' FLUX packing).
     """
     gradient_checkpointing = False
+    fsdp_forward_methods = ("forward_with_features",)
+    patch_layout = "pqc"
+
+    def forward(self, x, t, text, text_mask=None, pooled=None, guidance=None):
+        tokens, h, w = self.final_tokens(x, t, text, text_mask, pooled, guidance)   # (B, N, D)
+        return self.velocity(tokens, h, w)                                          # (B, C, H, W)
+
+    def forward_with_features(self, x, t, text, text_mask=None, pooled=None, guidance=None):
+        """(v, feats): the velocity of `forward` and feats = mean over image tokens of the final-norm output,
+        (B, D), from the same pass (official: `return_flag='encoder_decoder'`, spatial pooling, SiD-DiT
+        training/transformer_with_encoder*.py)."""
+        tokens, h, w = self.final_tokens(x, t, text, text_mask, pooled, guidance)   # (B, N, D)
+        return self.velocity(tokens, h, w), tokens.mean(dim=1)                      # (B, C, H, W), (B, D)
+
+    def velocity(self, tokens, h, w):
+        """Output projection and unpatchify: (B, h*w, D) final-norm tokens -> (B, C, h p, w p)."""
+        return unpatchify(self.proj_out(tokens), h, w, self.config.patch_size, self.patch_layout)
 
     def fsdp_units(self):
         return list(self.blocks)
@@ -350,7 +392,8 @@ class Sana(DiT):
         self.final_scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
         self.proj_out = nn.Linear(D, p * p * cfg.out_channels)
 
-    def forward(self, x, t, text, text_mask=None, pooled=None, guidance=None):
+    def final_tokens(self, x, t, text, text_mask=None, pooled=None, guidance=None):
+        """Everything before proj_out: -> (final-norm image tokens (B, N, D), h, w)."""
         cfg, p = self.config, self.config.patch_size
         B, _, H, W = x.shape
         h, w = check_patch_grid(H, W, p)
@@ -375,10 +418,217 @@ class Sana(DiT):
 
         x = self.run_blocks(self.blocks, x, c, bias, t6, h, w)               # (B, N, D)
 
-        # final layer: modulated by the raw time embedding (no SiLU, no t_block); rows (shift, scale)
+        # final norm: modulated by the raw time embedding (no SiLU, no t_block); rows (shift, scale)
         final = Modulation(*(self.final_scale_shift_table[None] + emb[:, None]).chunk(2, dim=1))
-        x = self.proj_out(final(layer_norm(x)))                              # (B, N, p*p*C)
-        return unpatchify(x, h, w, p, "pqc")                                  # (B, C, H, W)
+        return final(layer_norm(x)), h, w                                     # (B, N, D); DiT.velocity projects
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX: config and presets
+
+
+@dataclass
+class FluxConfig:
+    in_channels: int = 16          # UNPACKED latent channels (the 16-channel KL VAE)
+    patch_size: int = 2            # FLUX's 2x2 latent packing: a token holds in_channels * 4 = 64 numbers
+    depth: int = 19                # double-stream blocks (separate image and text weights, joint attention)
+    depth_single: int = 38         # single-stream blocks (one weight set on the concatenated [text, image] sequence)
+    num_heads: int = 24            # width D = num_heads * head_dim = 3072
+    head_dim: int = 128
+    axes_dims_rope: tuple = (16, 56, 56)   # RoPE channels per position-id axis (unused, row, column); sums to head_dim
+    theta: float = 10000.0         # RoPE base
+    joint_attention_dim: int = 4096     # T5-XXL width
+    pooled_projection_dim: int = 768    # CLIP-L pooled width
+    guidance_embeds: bool = True   # FLUX.1-dev is guidance-distilled: the scale g is a network input (schnell: none)
+    mlp_ratio: float = 4.0
+    time_scale: float = 1000.0     # the checkpoint embeds 1000 * t ...
+    guidance_scale: float = 1000.0     # ... and 1000 * g (g = 3.5 -> 3500)
+
+    def __post_init__(self):
+        self.axes_dims_rope = tuple(self.axes_dims_rope)      # a JSON round trip gives a list
+        if sum(self.axes_dims_rope) != self.head_dim:
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must sum to head_dim {self.head_dim}; fix the "
+                             f"config")
+
+    @property
+    def width(self):
+        return self.num_heads * self.head_dim
+
+
+FLUX_CONFIGS = {
+    "FLUX.1-dev": FluxConfig(),
+    "FLUX.1-schnell": FluxConfig(guidance_embeds=False),     # timestep-distilled, no guidance embedder
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX: time input, 3-axis RoPE, blocks
+
+
+def flux_timestep(s, scale, dtype):
+    """What FLUX's sinusoid sees for flow time t (or guidance g): s rounded to the weights' dtype, THEN times 1000
+    in that dtype, the cast order of BFL (sampling.denoise: t_vec in img.dtype) and diffusers (FluxTransformer2DModel:
+    timestep.to(dtype) * 1000). In bf16, t = 0.37 -> 370, g = 3.5 -> 3504; exact values change outputs by up to 40%."""
+    return s.to(dtype) * scale
+
+
+def rope_angles(ids, axes_dims, theta):
+    """(S, 3) position ids -> (S, head_dim / 2) angles, fp32: axis a adds pos_a * theta^(-2k / d_a), k < d_a / 2."""
+    angles = []
+    for axis, d in enumerate(axes_dims):
+        omega = theta ** -(torch.arange(0, d, 2, dtype=torch.float32, device=ids.device) / d)
+        angles.append(ids[:, axis, None].float() * omega[None])              # (S, d / 2)
+    return torch.cat(angles, dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate ADJACENT channel pairs (2k, 2k+1) of x (B, h, S, d) by angle k, in fp32 (BFL math.apply_rope)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)                     # (B, h, S, d / 2) each
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+class FluxQKV(nn.Module):
+    """q, k, v projections with per-head RMSNorm (eps 1e-6) on q and k: (B, N, D) -> 3 x (B, heads, N, head_dim)."""
+
+    def __init__(self, dim, head_dim):
+        super().__init__()
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(head_dim, eps=1e-6)
+        self.norm_k = RMSNorm(head_dim, eps=1e-6)
+
+    def forward(self, x):
+        q, k, v = (f(x).unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for f in (self.to_q, self.to_k, self.to_v))
+        return self.norm_q(q), self.norm_k(k), v
+
+
+def joint_attention(q, k, v, rope):
+    """Softmax attention over the whole [text, image] sequence with RoPE on q and k: -> (B, S, D)."""
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    return attention(q, k, v).transpose(1, 2).flatten(2)                     # (B, h, S, d) -> (B, S, D)
+
+
+class FluxStream(nn.Module):
+    """The weights of one stream (image or text) of a double block: AdaLN (2 sub-layers), qkv, out projection, MLP."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        D = cfg.width
+        self.mod = nn.Linear(D, 6 * D)                     # (shift, scale, gate) for attention, then for the MLP
+        self.attn = FluxQKV(D, cfg.head_dim)
+        self.proj = nn.Linear(D, D)
+        self.mlp = nn.Sequential(nn.Linear(D, int(cfg.mlp_ratio * D)), nn.GELU(approximate="tanh"),
+                                 nn.Linear(int(cfg.mlp_ratio * D), D))
+
+
+class FluxDoubleBlock(nn.Module):
+    """Per stream s in (txt, img): q, k, v from mod1(LN s); ONE attention over [txt, img];
+    s += gate1 * proj(attn_s); s += gate2 * MLP(mod2(LN s))."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        self.img = FluxStream(cfg)
+        self.txt = FluxStream(cfg)
+
+    def forward(self, img, txt, c, rope):              # img: (B, N, D), txt: (B, L, D), c = SiLU(vec): (B, D)
+        img_attn, img_mlp = modulations(self.img.mod(c), 2)
+        txt_attn, txt_mlp = modulations(self.txt.mod(c), 2)
+        qi, ki, vi = self.img.attn(img_attn(layer_norm(img)))                # (B, h, N, d) each
+        qt, kt, vt = self.txt.attn(txt_attn(layer_norm(txt)))                # (B, h, L, d) each
+        q, k, v = (torch.cat(pair, dim=2) for pair in ((qt, qi), (kt, ki), (vt, vi)))   # text first: (B, h, L+N, d)
+        out = joint_attention(q, k, v, rope)                                  # (B, L+N, D)
+        L = txt.shape[1]
+        img = img + img_attn.gate * self.img.proj(out[:, L:])
+        img = img + img_mlp.gate * self.img.mlp(img_mlp(layer_norm(img)))
+        txt = txt + txt_attn.gate * self.txt.proj(out[:, :L])
+        txt = txt + txt_mlp.gate * self.txt.mlp(txt_mlp(layer_norm(txt)))
+        return img, txt
+
+
+class FluxSingleBlock(nn.Module):
+    """Attention and MLP in parallel from one modulated LN(z), z = [txt, img]:
+    z += gate * proj_out([attn(q, k, v), GELU(mlp_in)]). BFL fuses q, k, v, mlp_in into `linear1`."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        D, hidden = cfg.width, int(cfg.mlp_ratio * cfg.width)
+        self.mod = nn.Linear(D, 3 * D)                     # (shift, scale, gate)
+        self.attn = FluxQKV(D, cfg.head_dim)
+        self.mlp_in = nn.Linear(D, hidden)
+        self.proj_out = nn.Linear(D + hidden, D)           # input: [attention output (D), MLP hidden (4D)]
+
+    def forward(self, z, c, rope):                          # z: (B, S, D), c = SiLU(vec): (B, D)
+        (mod,) = modulations(self.mod(c), 1)
+        z_mod = mod(layer_norm(z))
+        out = joint_attention(*self.attn(z_mod), rope)                        # (B, S, D)
+        mlp = F.gelu(self.mlp_in(z_mod), approximate="tanh")                  # (B, S, 4D)
+        return z + mod.gate * self.proj_out(torch.cat([out, mlp], dim=-1))
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX: top model
+
+
+class Flux(DiT):
+    """FLUX.1 (Black Forest Labs 2024): 2x2-packed latent tokens and T5 tokens through double-stream blocks, then
+    single-stream blocks on the concatenated sequence; 3-axis RoPE on ids (0, row, col) for image tokens and zeros
+    for text; one conditioning vector vec = MLP(t) + MLP(g) + MLP(CLIP pooled) drives every AdaLN."""
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        self.config = cfg
+        D = cfg.width
+        self.img_in = nn.Linear(cfg.in_channels * cfg.patch_size**2, D)
+        self.txt_in = nn.Linear(cfg.joint_attention_dim, D)
+        self.time_in = MLPEmbedder(256, D, nn.SiLU())
+        self.guidance_in = MLPEmbedder(256, D, nn.SiLU()) if cfg.guidance_embeds else None
+        self.vector_in = MLPEmbedder(cfg.pooled_projection_dim, D, nn.SiLU())
+        self.double_blocks = nn.ModuleList([FluxDoubleBlock(cfg) for _ in range(cfg.depth)])
+        self.single_blocks = nn.ModuleList([FluxSingleBlock(cfg) for _ in range(cfg.depth_single)])
+        self.final_mod = nn.Linear(D, 2 * D)               # final AdaLN, rows (shift, scale) as BFL; diffusers swaps
+        self.proj_out = nn.Linear(D, cfg.in_channels * cfg.patch_size**2)
+
+    def fsdp_units(self):
+        return [*self.double_blocks, *self.single_blocks]
+
+    patch_layout = "cpq"                                   # proj_out features are FluxPipeline's packing
+
+    def final_tokens(self, x, t, text, text_mask=None, pooled=None, guidance=None):
+        """text_mask is unused: FLUX attends to every T5 token, padding included, as FluxPipeline runs it."""
+        cfg, p = self.config, self.config.patch_size
+        B, _, H, W = x.shape
+        h, w = check_patch_grid(H, W, p)
+        if pooled is None:
+            raise ValueError("FLUX needs pooled=(B, pooled_projection_dim) CLIP-L pooled text features")
+        dtype = self.img_in.weight.dtype
+        img = self.img_in(patchify(x.to(dtype), p))                           # (B, N = h*w, D); FluxPipeline packing
+        txt = self.txt_in(text.to(dtype))                                     # (B, L, D)
+
+        vec = self.time_in(timestep_features(flux_timestep(t.expand(B), cfg.time_scale, dtype)).to(dtype))  # (B, D)
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise ValueError("this FLUX checkpoint embeds the guidance scale (FLUX.1-dev): pass guidance=(B,) "
+                                 "floats, e.g. 3.5")
+            g = flux_timestep(torch.as_tensor(guidance, device=x.device).expand(B), cfg.guidance_scale, dtype)
+            vec = vec + self.guidance_in(timestep_features(g).to(dtype))
+        vec = vec + self.vector_in(pooled.to(dtype))
+        c = F.silu(vec)                                    # every AdaLN linear reads SiLU(vec)
+
+        # position ids: text tokens all zeros (identity rotation), image token (0, row, col), text first
+        L = txt.shape[1]
+        rows, cols = torch.meshgrid(torch.arange(h, device=x.device), torch.arange(w, device=x.device), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).flatten(0, 1)  # (N, 3)
+        ids = torch.cat([img_ids.new_zeros(L, 3), img_ids])                                # (L + N, 3)
+        angles = rope_angles(ids, cfg.axes_dims_rope, cfg.theta)                          # (L + N, head_dim / 2)
+        rope = (angles.cos(), angles.sin())
+
+        img, txt = self.run_blocks(self.double_blocks, (img, txt), c, rope)   # (B, N, D), (B, L, D)
+        z = self.run_blocks(self.single_blocks, torch.cat([txt, img], dim=1), c, rope)   # (B, L + N, D)
+
+        final = Modulation(*self.final_mod(c)[:, None].chunk(2, dim=-1))     # (shift, scale), each (B, 1, D)
+        return final(layer_norm(z[:, L:])), h, w                              # image tokens (B, N, D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,6 +636,7 @@ class Sana(DiT):
 
 FAMILIES = {   # config class -> module class; each family section adds its row
     SanaConfig: Sana,
+    FluxConfig: Flux,
 }
 
 

@@ -10,13 +10,19 @@ One convention, used everywhere in this repo:
     x_t = (1 - t) x0 + t eps,        eps ~ N(0, I)
     networks return the velocity v = eps - x0,  so  x0 = x_t - t v  and  eps = x_t + (1 - t) v
 
+Data-aided SiD (the adversarial / Diffusion-GAN mode, official `--train_diffusiongan`) adds a discriminator
+loss to the fake-score phase and an adversarial term to the generator phase; the fake score is the
+discriminator (last section).
+
 Checked by: test_equivalence.py (every identity here, on a Gaussian mixture where E[x0 | x_t] is
-closed-form, plus an end-to-end SiD run). Run `python -m pytest test_equivalence.py -q -s`.
+closed-form, plus an end-to-end SiD run) and test_adversarial.py (the adversarial terms against hand
+formulas, fp64). Run `python -m pytest test_equivalence.py test_adversarial.py -q -s`.
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------
 # Flow <-> x0 / eps / score (all per-sample; t broadcasts from (B,) to x's shape)
@@ -151,6 +157,18 @@ def loss_weight(name, t, x_g=None, x0_teacher=None):
 # Classifier-free guidance on velocities
 
 
+def cfg_batch(x_t, t, cond, uncond):
+    """The doubled batch [uncond; cond] of one guided call: (x, t, cond) each with 2B rows."""
+    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    return torch.cat([x_t, x_t]), torch.cat([t, t]), both
+
+
+def guide(v_both, scale):
+    """[v_u; v_c] (2B, ...) -> v_u + kappa (v_c - v_u) (B, ...), in fp32."""
+    v_u, v_c = v_both.float().chunk(2)
+    return v_u + scale * (v_c - v_u)
+
+
 def cfg_velocity(net, x_t, t, cond, uncond, scale):
     """v = v_u + kappa (v_c - v_u), one batched call on [uncond; cond] (Ho & Salimans 2022).
 
@@ -163,9 +181,8 @@ def cfg_velocity(net, x_t, t, cond, uncond, scale):
         return net(x_t, t, **cond).float()
     if scale == 0:
         return net(x_t, t, **uncond).float()
-    both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
-    v_u, v_c = net(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).float().chunk(2)
-    return v_u + scale * (v_c - v_u)
+    x2, t2, both = cfg_batch(x_t, t, cond, uncond)
+    return guide(net(x2, t2, **both), scale)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,3 +261,93 @@ def generator_loss(x_g, x0_teacher, x0_fake, weight, alpha=1.0, scale=100.0):
     diff = x0_teacher - x0_fake
     per_elem = diff * ((x0_teacher - x_g) - alpha * diff)
     return scale * (weight * per_elem.flatten(1).sum(1)).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data-aided SiD: the adversarial (Diffusion-GAN) terms. The fake score doubles as the discriminator:
+# its logits are the image-token mean of its final time-modulated norm output, (B, D), one logit per
+# channel, no head, no new weights (`forward_with_features` in model.py). Official semantics: SiD-DiT
+# (apple-aiml-research/ml-sid-dit @ 9596ed9) training/sid_dit_training_loop.py, `train_diffusiongan`
+# branches of both phases, and training/sid_dit_util.py `sid_dit_denoise` (return_flag encoder /
+# encoder_decoder). Like the SiD losses, both are sums over latent elements (the mean BCE per sample is
+# multiplied by C*H*W) averaged over samples.
+
+
+def cfg_velocity_and_logits(net, x_t, t, cond, uncond, scale):
+    """(v, logits): cfg_velocity's guided velocity and the discriminator logits (B, D) of the COND half, from the
+    same call (the fake score's pass that yields f_psi also yields the logits: no extra forward).
+
+    kappa = 1: one conditional call. Any other kappa, 0 included, runs the batched [uncond; cond] call, since
+    the logits are always the conditional branch's (official `sid_dit_denoise`, return_flag='encoder_decoder').
+    """
+    if scale == 1:
+        v, feats = net.forward_with_features(x_t, t, **cond)
+        return v.float(), feats.float()
+    x2, t2, both = cfg_batch(x_t, t, cond, uncond)
+    v_both, feats = net.forward_with_features(x2, t2, **both)                 # (2B, C, H, W), (2B, D)
+    return guide(v_both, scale), feats.float().chunk(2)[1]
+
+
+def discriminator_pass(net, x_g, x_real, eps, t, cond, cond_real, uncond, scale):
+    """The fake-score phase's forward passes in data-aided mode: (v_fake, logit_fake, logit_real).
+
+        x_t      = (1 - t) x_g    + t eps   ->  guided [uncond; cond] pass (kappa1): v_fake and logit_fake
+        x_t_real = (1 - t) x_real + t eps   ->  ONE conditional pass, no CFG, the real captions: logit_real
+
+    The real latents reuse the fake sample's eps and t (official rule), so real and fake inputs differ only
+    in their clean latents and captions: the discriminator cannot tell them apart by noise level or noise draw.
+    """
+    v_fake, logit_fake = cfg_velocity_and_logits(net, add_noise(x_g, eps, t), t, cond, uncond, scale)
+    _, logit_real = net.forward_with_features(add_noise(x_real, eps, t), t, **cond_real)
+    return v_fake, logit_fake, logit_real.float()
+
+
+def bce_clamped(logit, label):
+    """Per-sample mean over logit channels of BCE(sigmoid(clamp(logit, -10, 10)), label) -> (B,).
+    The clamp also stops the gradient of saturated logits (official)."""
+    logit = logit.to(torch.promote_types(logit.dtype, torch.float32)).clamp(-10, 10)   # bf16 -> fp32; fp64 stays
+    target = torch.full_like(logit, float(label))
+    return F.binary_cross_entropy_with_logits(logit, target, reduction="none").flatten(1).mean(1)
+
+
+def discriminator_loss(logit_real, logit_fake, latent_numel, scale=1.0):
+    """L_D = lsd * mean_b 1/2 [mean_ch BCE(clamp(l_real, +-10), 1) + mean_ch BCE(clamp(l_fake, +-10), 0)] * C*H*W.
+
+    Trains the fake score as the discriminator (real = 1, generator sample = 0); no w(t). It is added to the
+    fake-score loss L_psi before backward, in the same phase. lsd = 1 (official `loss_scaling_D`).
+    """
+    per_sample = (bce_clamped(logit_real, 1) + bce_clamped(logit_fake, 0)) / 2
+    return scale * (per_sample * latent_numel).mean()
+
+
+def generator_adversarial_loss(logit_gen, weight, latent_numel, scale=1.0):
+    """L_adv = lsg_gan * mean_b [ mean_ch BCE(clamp(l_gen, +-10), 1) * w(t) * C*H*W ].
+
+    The non-saturating generator loss on the fake score's logits of the generator's x_t (cond half of the
+    kappa2-guided pass); w(t) is the SiD loss's weight. Gradient reaches G through x_t only (the fake score is
+    frozen in this phase). lsg_gan = 1, against lsg = 100 for L_G (official `loss_scaling_G_gan`).
+    """
+    return scale * (bce_clamped(logit_gen, 1) * weight * latent_numel).mean()
+
+
+def adversarial_schedule(images_seen, g_start=20_000, adv_start=40_000):
+    """(train G?, weight of L_G, weight of L_adv) at an iteration that starts with `images_seen` generator images.
+
+        images_seen <= g_start               no generator step (the fake score / discriminator trains alone)
+        g_start < images_seen <= adv_start   L_G alone
+        images_seen > adv_start              0.5 L_G + 0.5 L_adv
+
+    Strict '>' as the official loop (`cur_nimg > 20*1000`, `cur_nimg > 40*1000`), where cur_nimg counts the
+    global batches of completed iterations. The official code still runs the generator phase before g_start
+    and only skips the optimizer step; skipping the whole phase gives the same weights.
+    """
+    if images_seen <= g_start:
+        return False, 1.0, 0.0
+    if images_seen <= adv_start:
+        return True, 1.0, 0.0
+    return True, 0.5, 0.5
+
+
+def discriminator_accuracy(logit_real, logit_fake):
+    """(accuracy on real, on fake): the fraction of logit channels on the right side of 0, for the log."""
+    return (logit_real > 0).float().mean().item(), (logit_fake < 0).float().mean().item()

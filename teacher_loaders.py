@@ -23,10 +23,18 @@ SANA weights come in two layouts: a diffusers `transformer/` folder (single file
 precision variant) and an original NVlabs `.pth`. `load_transformer(path)` returns the module alone;
 `load_teacher("sana")` downloads (once) and assembles the whole pipeline: transformer, Gemma-2 prompt
 encoder (as diffusers SanaPipeline.encode_prompt), DC-AE (vae.py), scheduler and the bundled prompt list.
+The 16-channel KL VAE of SD3, SD3.5 and FLUX (vae.KLVAE) loads from a diffusers `vae/` folder or from an
+original single file (SAI `first_stage_model.*`, BFL ae.safetensors) through `load_kl_vae`; `kl_teacher_codec`
+turns it into the teacher's encode/decode with the pipelines' latent scaling and shift.
+
+FLUX.1 transformers load the same way from a diffusers `transformer/` folder or from BFL's single file
+(`flux1-dev.safetensors`, `flux1-schnell.safetensors`), whose fused qkv / linear1 tensors the key table splits.
 
 Checked against: the tiny teacher round-trips through its own safetensors file (test_train.py);
 SANA loaders and prompt encoding against diffusers/transformers on tiny random checkpoints, and
-full-size tensor/parameter counts on the meta device (test_sana.py: `python -m pytest test_sana.py -q`).
+full-size tensor/parameter counts on the meta device (test_sana.py: `python -m pytest test_sana.py -q`);
+the KL VAE loaders against diffusers AutoencoderKL and its convert_ldm_vae_checkpoint (test_kl_vae.py);
+FLUX loaders against diffusers FluxTransformer2DModel and its BFL converter (`python -m pytest test_flux.py -q`).
 """
 
 import json
@@ -38,7 +46,7 @@ from typing import Callable
 
 import torch
 
-from model import SanaConfig, build_model, config_from_dict
+from model import FluxConfig, SanaConfig, build_model, config_from_dict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, "assets")
@@ -338,29 +346,6 @@ def read_diffusers_weights(folder, variant=None, device="cpu"):
     return state
 
 
-def read_diffusers_weights(folder, variant=None, device="cpu"):
-    """{name: tensor} of a diffusers model folder: single file, sharded (index .json), or a precision variant."""
-    from safetensors import safe_open
-    variant, files = pick_weights(os.listdir(folder), variant, folder)
-    index = [f for f in files if f.endswith(".json")]
-    if index:
-        with open(os.path.join(folder, index[0])) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    state = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"weight file {path} (listed in {index[0]}) is missing; re-download the folder")
-        try:
-            f = safe_open(path, framework="pt", device=str(device))   # straight to the GPU: no 8x host copies
-        except Exception as e:  # safetensors raises several types for truncated or foreign files
-            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                             f"re-download it") from None
-        with f:
-            state.update({k: f.get_tensor(k) for k in f.keys()})
-    return state
-
-
 def read_model_config(folder, sub, what):
     """(model folder, config.json dict): `folder` itself, or its `sub/` when given a pipeline folder."""
     folder = str(folder)
@@ -552,7 +537,7 @@ def sana_config_from_diffusers(d, path):
     """SanaConfig from a diffusers config.json dict; options model.py does not implement are one-line errors."""
     if d.get("_class_name") != "SanaTransformer2DModel":
         raise ValueError(f"{path} describes a {d.get('_class_name')!r}, not a SanaTransformer2DModel; point at the "
-                         f"`transformer/` folder of a SANA diffusers checkpoint (e.g. {SANA_REPOS['sana']})")
+                         f"`transformer/` folder of a SANA diffusers checkpoint (e.g. {TEACHER_REPOS['sana']})")
     only = [   # (option, the one value model.py implements, what a different value means)
         ("attention_bias", False, "self-attention q/k/v biases are not in model.py; use a released SANA checkpoint"),
         ("norm_elementwise_affine", False, "affine block LayerNorms are not in model.py; use a released SANA "
@@ -745,6 +730,149 @@ def load_dcae(folder, device="cpu", dtype=torch.float32, variant=None):
     return model.to(dtype).eval().requires_grad_(False), cfg.scaling_factor
 
 
+# ----------------------------------------------------------------------------------------------
+# KL VAE (SD3, SD3.5, FLUX): diffusers folders and original single files -> vae.KLVAE
+
+# diffusers AutoencoderKL name -> our vae.KLVAE name: the resampling convs and the mid attention lose diffusers'
+# wrappers, the final norms are called norm_out (as in LDM); the rest is the same
+KL_DIFFUSERS_KEYS = [
+    ("{path}.downsamplers.0.conv", "{path}.downsample"),          # Downsample2D wraps the stride-2 conv
+    ("{path}.upsamplers.0.conv", "{path}.upsample"),              # Upsample2D wraps the conv after nearest x2
+    ("{path}.attentions.0.group_norm", "{path}.attn.norm"),       # the mid block's one (generic) Attention
+    ("{path}.attentions.0.to_q", "{path}.attn.to_q"),
+    ("{path}.attentions.0.to_k", "{path}.attn.to_k"),
+    ("{path}.attentions.0.to_v", "{path}.attn.to_v"),
+    ("{path}.attentions.0.to_out.0", "{path}.attn.to_out"),       # to_out = [Linear, Dropout]
+    ("{path}.conv_norm_out", "{path}.norm_out"),
+] + IDENTITY
+
+KL_RESNET_PARTS = [("norm1", "norm1"), ("conv1", "conv1"), ("norm2", "norm2"), ("conv2", "conv2"),
+                   ("nin_shortcut", "conv_shortcut")]              # LDM: "network-in-network" 1x1 shortcut
+
+
+def kl_original_keys(cfg, prefix=""):
+    """Key table of the original LDM layout -> our vae.KLVAE: SAI SD3/SD3.5 single files (prefix
+    "first_stage_model.") and BFL ae.safetensors (no prefix) share it (diffusers 0.42.1
+    loaders/single_file_utils.py convert_ldm_vae_checkpoint; black-forest-labs/flux src/flux/modules/autoencoder.py).
+
+    The LDM decoder numbers its up stages by width (up.0 is the last to run, at the image's resolution), we number
+    them in execution order, so decoder.up.{i} is our up_blocks.{n-1-i}: one concrete row per stage. The mid
+    attention's q, k, v, proj_out are 1x1 convs there, Linear here.
+    """
+    n = len(cfg.block_out_channels)
+    resnets = [("encoder.down.{i}.block.{j}", "encoder.down_blocks.{i}.resnets.{j}")]
+    resnets += [(f"decoder.up.{i}.block.{{j}}", f"decoder.up_blocks.{n - 1 - i}.resnets.{{j}}") for i in range(n)]
+    rows = [("encoder.down.{i}.downsample.conv", "encoder.down_blocks.{i}.downsample")]
+    rows += [(f"decoder.up.{i}.upsample.conv", f"decoder.up_blocks.{n - 1 - i}.upsample") for i in range(1, n)]
+    for coder in ("encoder", "decoder"):
+        resnets += [(f"{coder}.mid.block_1", f"{coder}.mid_block.resnets.0"),
+                    (f"{coder}.mid.block_2", f"{coder}.mid_block.resnets.1")]
+        rows += [(f"{coder}.mid.attn_1.norm", f"{coder}.mid_block.attn.norm"),
+                 (f"{coder}.mid.attn_1.q", f"{coder}.mid_block.attn.to_q", "conv1x1"),
+                 (f"{coder}.mid.attn_1.k", f"{coder}.mid_block.attn.to_k", "conv1x1"),
+                 (f"{coder}.mid.attn_1.v", f"{coder}.mid_block.attn.to_v", "conv1x1"),
+                 (f"{coder}.mid.attn_1.proj_out", f"{coder}.mid_block.attn.to_out", "conv1x1")]
+        rows += [(f"{coder}.{name}", f"{coder}.{name}") for name in ("conv_in", "norm_out", "conv_out")]
+    rows += [("quant_conv", "quant_conv"), ("post_quant_conv", "post_quant_conv")]
+    rows += [(f"{src}.{a}", f"{dst}.{b}") for src, dst in resnets for a, b in KL_RESNET_PARTS]
+    return [(prefix + src, *rest) for src, *rest in rows]
+
+
+def kl_config_from_original(state, where, prefix=""):
+    """The architecture of an LDM-layout KL VAE read from its tensor shapes (norm groups, scaling and shift are not
+    stored: KLConfig defaults)."""
+    from vae import KLConfig
+    if f"{prefix}encoder.conv_in.weight" not in state or f"{prefix}decoder.conv_in.weight" not in state:
+        raise ValueError(f"{where} has no {prefix}encoder.conv_in / {prefix}decoder.conv_in tensors: not a KL VAE in "
+                         f"the LDM layout under prefix {prefix!r}; SAI SD3 files need prefix='first_stage_model.', "
+                         f"BFL ae.safetensors prefix=''")
+    pre = re.escape(prefix)
+    widths = {int(m[1]): v.shape[0] for k, v in state.items()                  # stage i: its first ResNet's width
+              if (m := re.fullmatch(pre + r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight", k))}
+    layers = {m[1] for k in state if (m := re.match(pre + r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    return KLConfig(
+        in_channels=state[f"{prefix}encoder.conv_in.weight"].shape[1],
+        latent_channels=state[f"{prefix}decoder.conv_in.weight"].shape[1],
+        block_out_channels=tuple(widths[i] for i in sorted(widths)), layers_per_block=len(layers),
+        use_quant_conv=f"{prefix}quant_conv.weight" in state,
+        use_post_quant_conv=f"{prefix}post_quant_conv.weight" in state)
+
+
+def load_kl_vae(source, device="cpu", dtype=torch.float32, variant=None, prefix="", config=None):
+    """(vae.KLVAE, scaling_factor, shift_factor) from any layout the SD3, SD3.5 and FLUX VAE ships in. Frozen, eval.
+
+    source is one of
+      - a diffusers AutoencoderKL `vae/` folder, or a pipeline folder holding one: config.json gives the
+        architecture, scaling and shift; `variant` picks fp16/bf16 weight files (default: fp32, else the one there);
+      - an original single .safetensors file, or its {name: tensor} dict, in the LDM layout: SAI SD3/SD3.5 files
+        (prefix="first_stage_model."; the transformer and text encoder tensors beside it are skipped) or BFL's
+        ae.safetensors (prefix=""). These do not store the scaling and shift: `config` states them, as a preset
+        name of vae.KL_CONFIGS ("sd3", "flux") or a KLConfig, and its architecture must be the one the tensor
+        shapes show.
+    Every tensor is checked by name and shape (errors name the checkpoint's key). The teacher latent is
+    x0 = (encode(img) - shift_factor) * scaling_factor (kl_teacher_codec).
+    """
+    from vae import KL_CONFIGS, KLVAE, kl_config_from_diffusers
+    if isinstance(source, dict) or str(source).endswith(".safetensors"):
+        where = "the state dict" if isinstance(source, dict) else str(source)
+        if variant is not None:
+            raise ValueError(f"variant={variant!r} picks the weight files of a diffusers folder; {where} is one "
+                             f"original file: drop variant=")
+        if config is None:
+            raise ValueError(f"{where} does not store the VAE's latent scaling and shift; pass config='sd3' (SAI "
+                             f"SD3/SD3.5 files), config='flux' (BFL ae.safetensors) or a vae.KLConfig")
+        if isinstance(config, str) and config not in KL_CONFIGS:
+            raise ValueError(f"unknown KL VAE preset config={config!r}; use one of {list(KL_CONFIGS)} or a "
+                             f"vae.KLConfig")
+        name, cfg = (repr(config), KL_CONFIGS[config]) if isinstance(config, str) else ("the given KLConfig", config)
+        state = source if isinstance(source, dict) else read_safetensors(source)[0]
+        state = {k: v for k, v in state.items() if k.startswith(prefix)}   # SAI: skip model.diffusion_model.* etc.
+        found = kl_config_from_original(state, where, prefix)
+        arch = ("in_channels", "latent_channels", "block_out_channels", "layers_per_block", "use_quant_conv",
+                "use_post_quant_conv")
+        differ = [f"{a} {getattr(found, a)} (config: {getattr(cfg, a)})" for a in arch
+                  if getattr(found, a) != getattr(cfg, a)]
+        if differ:
+            raise ValueError(f"{where} holds a different VAE than config {name}: {'; '.join(differ)}; pass the "
+                             f"config of these weights")
+        model = load_weights(lambda: KLVAE(cfg), state, kl_original_keys(cfg, prefix), where,
+                             hint="pass the original file of an SD3/FLUX VAE (or the matching config)")
+    else:
+        if config is not None or prefix:
+            raise ValueError(f"config=/prefix= are for original single files; the diffusers folder {source} brings "
+                             f"its own config.json: drop them")
+        folder, d = read_model_config(source, "vae", "the diffusers `vae/` folder of an SD3 or FLUX pipeline "
+                                                     "(config.json + diffusion_pytorch_model.safetensors), or an "
+                                                     "original .safetensors file")
+        cfg = kl_config_from_diffusers(d)
+        model = load_weights(lambda: KLVAE(cfg), read_diffusers_weights(folder, variant, device), KL_DIFFUSERS_KEYS,
+                             folder, hint="use the config.json saved with these weights, or re-download `vae/`")
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False), cfg.scaling_factor, cfg.shift_factor
+
+
+def kl_teacher_codec(vae, scaling_factor, shift_factor):
+    """Teacher.encode / Teacher.decode for a KL VAE, normalised as StableDiffusion3Pipeline and FluxPipeline do
+    (diffusers 0.42.1 pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py, pipelines/flux/pipeline_flux.py:
+    decode `latents / scaling_factor + shift_factor`; their img2img `_encode_vae_image`: `(z - shift) * scaling`).
+
+    encode(img, sample=False, generator=None): (B, 3, H, W) in [-1, 1] -> x0 (B, 16, H/8, W/8) in fp32, from the
+    posterior mean or (sample=True) a sample, as the official SiD-DiT data path encodes real images;
+    decode(x0) -> (B, 3, H, W) in [-1, 1], fp32, clamped.
+    """
+    device = vae.encoder.conv_in.weight.device
+
+    @torch.no_grad()
+    def encode(img, sample=False, generator=None):
+        z = vae.encode(img.to(device), sample=sample, generator=generator).float()
+        return (z - shift_factor) * scaling_factor
+
+    @torch.no_grad()
+    def decode(x0):
+        return vae.decode(x0.to(device).float() / scaling_factor + shift_factor).float().clamp(-1, 1)
+
+    return encode, decode
+
+
 def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
     """A `Teacher` from a diffusers SANA pipeline folder (model_index.json, transformer/, vae/, text_encoder/,
     tokenizer/, scheduler/): our Sana + Gemma-2 through transformers + our DC-AE (vae.py)."""
@@ -790,6 +918,149 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
         train_defaults={},                                    # the paper's settings are train.py's defaults
         default_prompts=read_prompts(DEFAULT_PROMPTS),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# FLUX transformer weights -> model.Flux: declarative key tables
+
+# diffusers FluxTransformer2DModel name -> our name. Each double block's two attention streams live in one
+# diffusers `attn` (image: to_q, ...; text: add_q_proj, ...); we keep one module per stream.
+FLUX_DIFFUSERS_KEYS = [
+    ("x_embedder", "img_in"),
+    ("context_embedder", "txt_in"),
+    ("time_text_embed.timestep_embedder.{path}", "time_in.{path}"),
+    ("time_text_embed.guidance_embedder.{path}", "guidance_in.{path}"),     # FLUX.1-dev only
+    ("time_text_embed.text_embedder.{path}", "vector_in.{path}"),
+    ("transformer_blocks.{i}.norm1.linear", "double_blocks.{i}.img.mod"),
+    ("transformer_blocks.{i}.norm1_context.linear", "double_blocks.{i}.txt.mod"),
+    ("transformer_blocks.{i}.attn.to_q", "double_blocks.{i}.img.attn.to_q"),
+    ("transformer_blocks.{i}.attn.to_k", "double_blocks.{i}.img.attn.to_k"),
+    ("transformer_blocks.{i}.attn.to_v", "double_blocks.{i}.img.attn.to_v"),
+    ("transformer_blocks.{i}.attn.norm_q", "double_blocks.{i}.img.attn.norm_q"),
+    ("transformer_blocks.{i}.attn.norm_k", "double_blocks.{i}.img.attn.norm_k"),
+    ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img.proj"),
+    ("transformer_blocks.{i}.attn.add_q_proj", "double_blocks.{i}.txt.attn.to_q"),
+    ("transformer_blocks.{i}.attn.add_k_proj", "double_blocks.{i}.txt.attn.to_k"),
+    ("transformer_blocks.{i}.attn.add_v_proj", "double_blocks.{i}.txt.attn.to_v"),
+    ("transformer_blocks.{i}.attn.norm_added_q", "double_blocks.{i}.txt.attn.norm_q"),
+    ("transformer_blocks.{i}.attn.norm_added_k", "double_blocks.{i}.txt.attn.norm_k"),
+    ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt.proj"),
+    ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img.mlp.0"),
+    ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img.mlp.2"),
+    ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt.mlp.0"),
+    ("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt.mlp.2"),
+    ("single_transformer_blocks.{i}.norm.linear", "single_blocks.{i}.mod"),
+    ("single_transformer_blocks.{i}.attn.{path}", "single_blocks.{i}.attn.{path}"),
+    ("single_transformer_blocks.{i}.proj_mlp", "single_blocks.{i}.mlp_in"),
+    ("single_transformer_blocks.{i}.proj_out", "single_blocks.{i}.proj_out"),
+    # diffusers' AdaLayerNormContinuous reads its rows as (scale, shift); ours (and BFL's) are (shift, scale)
+    ("norm_out.linear", "final_mod", "swap"),
+    ("proj_out", "proj_out"),
+]
+
+# BFL single file (flux1-dev.safetensors, flux1-schnell.safetensors; keys without prefix) -> our name(s).
+FLUX_ORIGINAL_KEYS = [
+    ("img_in", "img_in"),
+    ("txt_in", "txt_in"),
+    ("time_in.in_layer", "time_in.linear_1"),
+    ("time_in.out_layer", "time_in.linear_2"),
+    ("guidance_in.in_layer", "guidance_in.linear_1"),       # FLUX.1-dev only
+    ("guidance_in.out_layer", "guidance_in.linear_2"),
+    ("vector_in.in_layer", "vector_in.linear_1"),
+    ("vector_in.out_layer", "vector_in.linear_2"),
+    ("double_blocks.{i}.img_mod.lin", "double_blocks.{i}.img.mod"),
+    # fused qkv: rows [W_q; W_k; W_v] (BFL rearranges "B L (K H D) -> K B H L D", K = 3), split into 3
+    ("double_blocks.{i}.img_attn.qkv", ("double_blocks.{i}.img.attn.to_q", "double_blocks.{i}.img.attn.to_k",
+                                        "double_blocks.{i}.img.attn.to_v")),
+    ("double_blocks.{i}.img_attn.norm.query_norm.scale", "double_blocks.{i}.img.attn.norm_q.weight"),
+    ("double_blocks.{i}.img_attn.norm.key_norm.scale", "double_blocks.{i}.img.attn.norm_k.weight"),
+    ("double_blocks.{i}.img_attn.proj", "double_blocks.{i}.img.proj"),
+    ("double_blocks.{i}.img_mlp.{j}", "double_blocks.{i}.img.mlp.{j}"),    # Sequential(Linear, GELU, Linear): 0, 2
+    ("double_blocks.{i}.txt_mod.lin", "double_blocks.{i}.txt.mod"),
+    ("double_blocks.{i}.txt_attn.qkv", ("double_blocks.{i}.txt.attn.to_q", "double_blocks.{i}.txt.attn.to_k",
+                                        "double_blocks.{i}.txt.attn.to_v")),          # split into 3, as img_attn
+    ("double_blocks.{i}.txt_attn.norm.query_norm.scale", "double_blocks.{i}.txt.attn.norm_q.weight"),
+    ("double_blocks.{i}.txt_attn.norm.key_norm.scale", "double_blocks.{i}.txt.attn.norm_k.weight"),
+    ("double_blocks.{i}.txt_attn.proj", "double_blocks.{i}.txt.proj"),
+    ("double_blocks.{i}.txt_mlp.{j}", "double_blocks.{i}.txt.mlp.{j}"),
+    ("single_blocks.{i}.modulation.lin", "single_blocks.{i}.mod"),
+    # linear1 rows [W_q; W_k; W_v; W_mlp_in], sizes (D, D, D, 4D): unequal parts, sized by our module's shapes
+    ("single_blocks.{i}.linear1", ("single_blocks.{i}.attn.to_q", "single_blocks.{i}.attn.to_k",
+                                   "single_blocks.{i}.attn.to_v", "single_blocks.{i}.mlp_in")),
+    ("single_blocks.{i}.norm.query_norm.scale", "single_blocks.{i}.attn.norm_q.weight"),
+    ("single_blocks.{i}.norm.key_norm.scale", "single_blocks.{i}.attn.norm_k.weight"),
+    ("single_blocks.{i}.linear2", "single_blocks.{i}.proj_out"),          # input columns [attention (D), MLP (4D)]
+    # LastLayer: `shift, scale = adaLN_modulation(vec).chunk(2)`: already our (shift, scale) order, no swap
+    # (diffusers' converter swaps these halves into its (scale, shift); FLUX_DIFFUSERS_KEYS swaps them back)
+    ("final_layer.adaLN_modulation.1", "final_mod"),        # adaLN_modulation = Sequential(SiLU, Linear)
+    ("final_layer.linear", "proj_out"),
+]
+
+# RoPE channels per axis by head width: BFL FluxParams of every released FLUX.1 model. The single file does not
+# store them, so a file with another head width needs its row here.
+FLUX_ROPE_AXES = {128: (16, 56, 56)}
+
+
+def flux_config_from_diffusers(d, path):
+    """FluxConfig from a diffusers FluxTransformer2DModel config.json dict. diffusers describes the PACKED view
+    (patch_size 1, in_channels 64); ours is the unpacked latent (16 channels) with the 2x2 packing as patch_size 2."""
+    if d.get("_class_name") != "FluxTransformer2DModel":
+        raise ValueError(f"{path} describes a {d.get('_class_name')!r}, not a FluxTransformer2DModel; point at the "
+                         f"`transformer/` folder of a FLUX.1 diffusers checkpoint (e.g. black-forest-labs/FLUX.1-dev)")
+    packed = d.get("in_channels", 64)
+    if d.get("patch_size", 1) != 1 or packed % 4:
+        raise ValueError(f"{path}: patch_size={d.get('patch_size')}, in_channels={packed} is not supported (FLUX.1 "
+                         f"transformers take 2x2-packed tokens: patch_size 1, in_channels 4 x latent channels)")
+    if d.get("out_channels") not in (None, packed):
+        raise ValueError(f"{path}: out_channels={d['out_channels']} != in_channels={packed} is not supported (image-"
+                         f"conditioned FLUX tools such as Fill/Canny/Depth add input channels); use FLUX.1-dev/schnell")
+    heads, head_dim = d.get("num_attention_heads", 24), d.get("attention_head_dim", 128)
+    axes = tuple(d.get("axes_dims_rope", (16, 56, 56)))
+    if sum(axes) != head_dim:
+        raise ValueError(f"{path}: axes_dims_rope {axes} does not sum to attention_head_dim {head_dim}; fix "
+                         f"config.json")
+    return FluxConfig(
+        in_channels=packed // 4, patch_size=2, depth=d.get("num_layers", 19),
+        depth_single=d.get("num_single_layers", 38), num_heads=heads, head_dim=head_dim, axes_dims_rope=axes,
+        joint_attention_dim=d.get("joint_attention_dim", 4096),
+        pooled_projection_dim=d.get("pooled_projection_dim", 768),
+        guidance_embeds=bool(d.get("guidance_embeds", False)))
+
+
+def flux_config_from_original(state, path):
+    """FluxConfig inferred from the tensor shapes of a BFL state dict: depths from block indices, width from img_in,
+    head_dim from the qk-norm scale, guidance iff guidance_in.* is there (dev: yes, schnell: no)."""
+    needed = ["img_in.weight", "txt_in.weight", "vector_in.in_layer.weight", "double_blocks.0.img_mlp.0.weight",
+              "double_blocks.0.img_attn.norm.query_norm.scale", "single_blocks.0.linear1.weight"]
+    if any(k not in state for k in needed):
+        raise ValueError(f"{path} has no {[k for k in needed if k not in state][0]!r}: it is not a complete BFL FLUX.1 "
+                         f"transformer file; re-download it (flux1-dev.safetensors) or pass a diffusers folder")
+    width, packed = state["img_in.weight"].shape
+    head_dim = state["double_blocks.0.img_attn.norm.query_norm.scale"].shape[0]
+    if head_dim not in FLUX_ROPE_AXES or width % head_dim or packed % 4:
+        raise ValueError(f"{path}: width {width}, head width {head_dim}, {packed} input channels is not a known FLUX "
+                         f"layout (RoPE axes known for head widths {sorted(FLUX_ROPE_AXES)}); use a FLUX.1 file, or "
+                         f"add its axes_dims_rope to teacher_loaders.FLUX_ROPE_AXES")
+    depth = {prefix: 1 + max(int(k.split(".")[1]) for k in state if k.startswith(prefix + "."))
+             for prefix in ("double_blocks", "single_blocks")}
+    return FluxConfig(
+        in_channels=packed // 4, patch_size=2, depth=depth["double_blocks"], depth_single=depth["single_blocks"],
+        num_heads=width // head_dim, head_dim=head_dim, axes_dims_rope=FLUX_ROPE_AXES[head_dim],
+        joint_attention_dim=state["txt_in.weight"].shape[1],
+        pooled_projection_dim=state["vector_in.in_layer.weight"].shape[1],
+        guidance_embeds="guidance_in.in_layer.weight" in state,
+        mlp_ratio=state["double_blocks.0.img_mlp.0.weight"].shape[0] / width)
+
+
+def read_flux_original(state, path):
+    cfg = flux_config_from_original(state, path)
+    hint = (f"the shapes imply width {cfg.width}, {cfg.depth} double + {cfg.depth_single} single blocks, guidance "
+            f"{cfg.guidance_embeds}; use an unmodified BFL FLUX.1 file (flux1-dev.safetensors)")
+    return cfg, FLUX_ORIGINAL_KEYS, (), hint
+
+
+DIFFUSERS_TRANSFORMERS["FluxTransformer2DModel"] = (flux_config_from_diffusers, lambda cfg: FLUX_DIFFUSERS_KEYS)
+SINGLE_FILES.append((lambda state: "double_blocks.0.img_attn.qkv.weight" in state, read_flux_original))
 
 
 # ----------------------------------------------------------------------------------------------

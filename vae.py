@@ -1,28 +1,46 @@
 """
-DC-AE f32c32, SANA's autoencoder, written directly in PyTorch.
+The two latent codecs of the teachers, written directly in PyTorch: one banner section group per codec.
 
-DC-AE (Chen et al. 2024, "Deep Compression Autoencoder", arXiv 2410.10733) maps a (B, 3, H, W) image in
-[-1, 1] to a (B, 32, H/32, W/32) latent and back. The encoder is deterministic (no distribution). The
-SANA checkpoint (`mit-han-lab/dc-ae-f32c32-sana-1.0`) has six stages: three of ResBlocks at 128/256/512
-channels, then three of EfficientViT blocks (multi-scale ReLU linear attention + GLUMBConv) at
-512/1024/1024. Stages are joined by stride-2 Down / nearest-x2 Up convs whose residual shortcuts are
-parameter-free pixel-(un)shuffles, so most of the signal bypasses the convs.
+  DC-AE f32c32, SANA's autoencoder (Chen et al. 2024, "Deep Compression Autoencoder", arXiv 2410.10733),
+  maps a (B, 3, H, W) image in [-1, 1] to a (B, 32, H/32, W/32) latent and back. The encoder is
+  deterministic (no distribution). The SANA checkpoint (`mit-han-lab/dc-ae-f32c32-sana-1.0`) has six stages:
+  three of ResBlocks at 128/256/512 channels, then three of EfficientViT blocks (multi-scale ReLU linear
+  attention + GLUMBConv) at 512/1024/1024. Stages are joined by stride-2 Down / nearest-x2 Up convs whose
+  residual shortcuts are parameter-free pixel-(un)shuffles, so most of the signal bypasses the convs.
+
+  AutoencoderKL, the 16-channel VAE of SD3, SD3.5 and FLUX.1 (the LDM autoencoder of Rombach et al. 2022,
+  arXiv 2112.10752, widened to 16 latent channels), maps a (B, 3, H, W) image to a (B, 16, H/8, W/8) latent
+  and back. Four stages of GroupNorm ResNets at 128/256/512/512 channels joined by stride-2 convs
+  (asymmetric padding) and nearest-x2 convs, with one single-head softmax attention over all pixels in the
+  middle of each half. The encoder outputs a diagonal Gaussian (mean, log-variance); `encode` returns its
+  mean, or a sample of it with `sample=True` (as the official SiD-DiT data path does).
 
     vae, scaling = teacher_loaders.load_dcae("path/to/sana/vae")   # diffusers `vae/` folder -> (module, 0.41407)
     x0  = vae.encode(img) * scaling                  # img (B, 3, H, W) in [-1, 1] -> teacher latent
     img = vae.decode(x0 / scaling)                   # and back (no shift for DC-AE)
 
-`encode`/`decode` work on raw latents; the scaling lives with the caller, as in diffusers. diffusers names
-three parts differently (teacher_loaders.DCAE_DIFFUSERS_KEYS maps them).
+    vae, scaling, shift = teacher_loaders.load_kl_vae("path/to/sd3/vae")   # -> (module, 1.5305, 0.0609)
+    x0  = (vae.encode(img) - shift) * scaling        # SD3: 1.5305, 0.0609; FLUX: 0.3611, 0.1159
+    img = vae.decode(x0 / scaling + shift)
 
-Checked against: diffusers `AutoencoderDC` (0.42.1) on tiny random configs with every parameter
-randomised, encoder and decoder, both attention paths (linear and the small-image quadratic fallback),
-"conv"/"interpolate" and "pixel_unshuffle"/"pixel_shuffle" resampling, single-file, sharded and bf16
-variant folders: max error <= 1e-4 * max|reference| in fp32 on CPU. Full-size tensor and parameter counts
-(375 tensors, 312.3 M) are asserted on the meta device. Run `python -m pytest test_vae.py -q`.
+`encode`/`decode` work on raw latents; the scaling and shift live with the caller, as in diffusers. Our
+module names differ from diffusers' in a few places (teacher_loaders.DCAE_DIFFUSERS_KEYS and
+KL_DIFFUSERS_KEYS map them); original LDM/SAI/BFL KL files load through teacher_loaders.kl_original_keys.
 
-Difference from diffusers: the attention is computed in fp32 on both paths (diffusers keeps the
-quadratic path's matmuls in the input dtype); identical in fp32. No tiled encode/decode.
+Checked against, in fp32 on CPU with every parameter randomised (max error <= 1e-4 * max|reference|):
+  - DC-AE: diffusers `AutoencoderDC` (0.42.1) on tiny configs, encoder and decoder, both attention paths
+    (linear and the small-image quadratic fallback), "conv"/"interpolate" and "pixel_unshuffle"/
+    "pixel_shuffle" resampling, single-file, sharded and bf16 variant folders. Full size on the meta device:
+    375 tensors, 312.3 M parameters. Run `python -m pytest test_vae.py -q`.
+  - AutoencoderKL: diffusers `AutoencoderKL` (0.42.1) on tiny 4-stage configs with non-square images: the
+    encoder mean, a seeded sample (`latent_dist.sample(generator)`), the decoder, with and without quant
+    convs; diffusers folders (single, sharded, bf16 variant) and original files (SAI `first_stage_model.*`,
+    BFL unprefixed) whose layout is cross-checked by diffusers' `convert_ldm_vae_checkpoint`; the latent
+    normalisation against the SD3 and FLUX pipelines. Full size on the meta device: 244 tensors, 83.8 M
+    parameters. Run `python -m pytest test_kl_vae.py -q`.
+
+Differences from diffusers: attention is computed in fp32 (diffusers keeps the KL mid attention and DC-AE's
+quadratic path in the input dtype); identical in fp32. No tiled or sliced encode/decode.
 """
 
 from dataclasses import dataclass
@@ -33,7 +51,7 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------------
-# Config and presets
+# DC-AE: config and presets
 
 
 @dataclass
@@ -141,7 +159,7 @@ def dcae_config_from_diffusers(d):
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers
+# DC-AE: helpers
 
 
 class ChannelRMSNorm(nn.Module):
@@ -179,7 +197,7 @@ def quadratic_attention(q, k, v, eps):
 
 
 # ----------------------------------------------------------------------------------------------
-# Blocks
+# DC-AE: blocks
 
 
 class ResBlock(nn.Module):
@@ -319,7 +337,7 @@ class UpBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Encoder, decoder, top model
+# DC-AE: encoder, decoder, top model
 
 
 class Encoder(nn.Module):
@@ -398,3 +416,255 @@ class DCAE(nn.Module):
 
     def decode(self, z):
         return self.decoder(z.to(self.decoder.conv_in.weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# AutoencoderKL (SD3, FLUX): config and presets
+
+
+@dataclass
+class KLConfig:
+    in_channels: int = 3                            # image channels, in and out
+    latent_channels: int = 16
+    block_out_channels: tuple = (128, 256, 512, 512)   # one width per stage; factor 2**(stages-1)
+    layers_per_block: int = 2                       # encoder ResNets per stage; the decoder has one more
+    norm_num_groups: int = 32                       # every GroupNorm; must divide every width
+    use_quant_conv: bool = False                    # 1x1 conv on the (mean, logvar) moments (SD1/SDXL; not SD3/FLUX)
+    use_post_quant_conv: bool = False               # 1x1 conv on the latent before the decoder
+    scaling_factor: float = 1.0                     # teacher latent x0 = (encode(img) - shift_factor) * scaling_factor
+    shift_factor: float = 0.0                       # (read by the caller; the presets hold the pipelines' values)
+
+    @property
+    def spatial_factor(self):
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+KL_CONFIGS = {
+    # stabilityai/stable-diffusion-3-medium-diffusers `vae/` (the same VAE in SD3.5-Medium and -Large); the SAI
+    # single files hold its weights under `first_stage_model.` but not the two factors
+    "sd3": KLConfig(scaling_factor=1.5305, shift_factor=0.0609),
+    # black-forest-labs/FLUX.1-dev `vae/` (and -schnell); BFL's ae.safetensors: same weights, unprefixed
+    "flux": KLConfig(scaling_factor=0.3611, shift_factor=0.1159),
+}
+
+# AutoencoderKL.__init__ defaults (diffusers 0.42), used for keys a config.json leaves out
+KL_DIFFUSERS_DEFAULTS = {
+    "in_channels": 3, "out_channels": 3, "down_block_types": ("DownEncoderBlock2D",),
+    "up_block_types": ("UpDecoderBlock2D",), "block_out_channels": (64,), "layers_per_block": 1, "act_fn": "silu",
+    "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215, "shift_factor": None,
+    "latents_mean": None, "latents_std": None, "use_quant_conv": True, "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+}
+
+
+def kl_config_from_diffusers(d):
+    """KLConfig from a diffusers AutoencoderKL config.json dict; one-line ValueError for what is not implemented."""
+    if d.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ValueError(f"config.json describes a {d['_class_name']}, not an AutoencoderKL; point at the `vae/` "
+                         f"folder of an SD3 or FLUX pipeline")
+    d = {**KL_DIFFUSERS_DEFAULTS, **d}
+    widths = tuple(d["block_out_channels"])
+    for key, kind in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")]:
+        if list(d[key]) != [kind] * len(widths):
+            raise ValueError(f"config.json {key}={list(d[key])} is not implemented; vae.py supports {len(widths)} x "
+                             f"{kind!r} (one per block_out_channels entry)")
+    unsupported = [(d["act_fn"] != "silu", f"act_fn={d['act_fn']!r} (only 'silu')"),
+                   (d["out_channels"] != d["in_channels"], f"out_channels {d['out_channels']} != in_channels "
+                                                           f"{d['in_channels']}"),
+                   (not d["mid_block_add_attention"], "mid_block_add_attention=false (the mid blocks always attend)"),
+                   (d["latents_mean"] is not None or d["latents_std"] is not None,
+                    "latents_mean/latents_std (per-channel latent statistics)")]
+    for bad, what in unsupported:
+        if bad:
+            raise ValueError(f"config.json: {what} is not implemented in vae.py; SD3 and FLUX VAEs do not use it")
+    if any(w % d["norm_num_groups"] for w in widths):
+        raise ValueError(f"config.json norm_num_groups {d['norm_num_groups']} does not divide block_out_channels "
+                         f"{list(widths)}; GroupNorm needs it to: fix the config")
+    return KLConfig(
+        in_channels=d["in_channels"], latent_channels=d["latent_channels"], block_out_channels=widths,
+        layers_per_block=d["layers_per_block"], norm_num_groups=d["norm_num_groups"],
+        use_quant_conv=bool(d["use_quant_conv"]), use_post_quant_conv=bool(d["use_post_quant_conv"]),
+        scaling_factor=float(d["scaling_factor"]), shift_factor=float(d["shift_factor"] or 0.0),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# AutoencoderKL: blocks
+
+
+class KLResnet(nn.Module):
+    """x + Conv3(SiLU(GN(Conv3(SiLU(GN(x)))))); the residual goes through a 1x1 conv when the width changes."""
+
+    def __init__(self, c_in, c_out, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=1e-6)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=1e-6)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None   # LDM: `nin_shortcut`
+
+    def forward(self, x):                                                       # x: (B, Cin, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))                                   # (B, Cout, H, W)
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class KLAttention(nn.Module):
+    """x + to_out(softmax(q k^T / sqrt(C)) v) over the H*W pixels as tokens: one head as wide as the features.
+
+    q, k, v and out are per-pixel Linear maps (diffusers' layout; LDM and BFL store them as 1x1 convs).
+    """
+
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(self, x):                                                       # x: (B, C, H, W)
+        B, C, H, W = x.shape
+        h = self.norm(x).flatten(2).transpose(1, 2)                             # (B, N = H W, C)
+        q, k, v = (f(h).unsqueeze(1) for f in (self.to_q, self.to_k, self.to_v))   # (B, 1, N, C) each
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            # fp32: the softmax runs over every pixel (16384 at 1024 px); SDPA keeps the N x N scores out of memory
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float())   # (B, 1, N, C)
+        out = self.to_out(out.squeeze(1).to(x.dtype))                           # (B, N, C)
+        return x + out.transpose(1, 2).reshape(B, C, H, W)
+
+
+class KLMidBlock(nn.Module):
+    """ResNet -> attention -> ResNet at the deepest width (the same in encoder and decoder)."""
+
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.resnets = nn.ModuleList([KLResnet(channels, channels, groups) for _ in range(2)])
+        self.attn = KLAttention(channels, groups)
+
+    def forward(self, x):
+        return self.resnets[1](self.attn(self.resnets[0](x)))
+
+
+class KLDownStage(nn.Module):
+    """`layers` ResNets (the first changes the width), then, except in the last stage, halve H and W."""
+
+    def __init__(self, c_in, c_out, layers, groups, downsample):
+        super().__init__()
+        self.resnets = nn.ModuleList([KLResnet(c_in if j == 0 else c_out, c_out, groups) for j in range(layers)])
+        self.downsample = nn.Conv2d(c_out, c_out, 3, stride=2) if downsample else None   # no padding of its own
+
+    def forward(self, x):                                                       # x: (B, Cin, H, W)
+        for resnet in self.resnets:
+            x = resnet(x)                                                       # (B, Cout, H, W)
+        if self.downsample is not None:
+            # LDM's asymmetric padding: one zero column on the right and one zero row at the bottom (torch convs
+            # pad symmetrically), so output pixel i sees input pixels 2i .. 2i+2
+            x = self.downsample(F.pad(x, (0, 1, 0, 1)))                         # (B, Cout, H/2, W/2)
+        return x
+
+
+class KLUpStage(nn.Module):
+    """`layers` ResNets (the first changes the width), then, except in the last stage, nearest x2 and a conv."""
+
+    def __init__(self, c_in, c_out, layers, groups, upsample):
+        super().__init__()
+        self.resnets = nn.ModuleList([KLResnet(c_in if j == 0 else c_out, c_out, groups) for j in range(layers)])
+        self.upsample = nn.Conv2d(c_out, c_out, 3, padding=1) if upsample else None
+
+    def forward(self, x):                                                       # x: (B, Cin, h, w)
+        for resnet in self.resnets:
+            x = resnet(x)                                                       # (B, Cout, h, w)
+        if self.upsample is not None:
+            x = self.upsample(F.interpolate(x, scale_factor=2.0, mode="nearest"))   # (B, Cout, 2h, 2w)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# AutoencoderKL: encoder, decoder, top model
+
+
+class KLEncoder(nn.Module):
+    """conv_in -> stages (ResNets, stride-2 conv) -> mid (ResNet, attention, ResNet) -> GN, SiLU, conv_out."""
+
+    def __init__(self, cfg: KLConfig):
+        super().__init__()
+        widths, g = cfg.block_out_channels, cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            KLDownStage(widths[max(s - 1, 0)], c, cfg.layers_per_block, g, downsample=s < len(widths) - 1)
+            for s, c in enumerate(widths)])
+        self.mid_block = KLMidBlock(widths[-1], g)
+        self.norm_out = nn.GroupNorm(g, widths[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)   # (mean, logvar)
+
+    def forward(self, x):                                                       # x: (B, 3, H, W)
+        x = self.conv_in(x)                                                     # (B, C_0, H, W)
+        for stage in self.down_blocks:
+            x = stage(x)                                                        # (B, C_last, H/f, W/f) at the end
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.norm_out(x)))                          # (B, 2 latent, H/f, W/f)
+
+
+class KLDecoder(nn.Module):
+    """conv_in -> mid -> stages from the deepest width (layers_per_block + 1 ResNets, nearest x2 + conv) ->
+    GN, SiLU, conv_out. up_blocks are numbered in execution order (as diffusers; LDM numbers them by width)."""
+
+    def __init__(self, cfg: KLConfig):
+        super().__init__()
+        widths, g = cfg.block_out_channels[::-1], cfg.norm_num_groups           # deepest first
+        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[0], 3, padding=1)
+        self.mid_block = KLMidBlock(widths[0], g)
+        self.up_blocks = nn.ModuleList([
+            KLUpStage(widths[max(s - 1, 0)], c, cfg.layers_per_block + 1, g, upsample=s < len(widths) - 1)
+            for s, c in enumerate(widths)])
+        self.norm_out = nn.GroupNorm(g, widths[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z):                                                       # z: (B, latent, h, w)
+        x = self.mid_block(self.conv_in(z))                                     # (B, C_last, h, w)
+        for stage in self.up_blocks:
+            x = stage(x)                                                        # (B, C_0, f h, f w) at the end
+        return self.conv_out(F.silu(self.norm_out(x)))                          # (B, 3, f h, f w)
+
+
+class KLVAE(nn.Module):
+    """encode: image (B, 3, H, W) in [-1, 1] -> raw latent (B, 16, H/8, W/8), the posterior's mean or a sample of it;
+    decode: raw latent -> image. No scaling or shift (the caller's, see the module docstring)."""
+
+    def __init__(self, cfg: KLConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = KLEncoder(cfg)
+        self.decoder = KLDecoder(cfg)
+        c = cfg.latent_channels
+        self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
+
+    def encode(self, img, sample=False, generator=None):
+        """The posterior mean (sample=False, as diffusers pipelines' reference outputs), or mean + std * N(0, I) with
+        the log-variance clamped to [-30, 20] (diffusers' DiagonalGaussianDistribution). The noise is drawn like
+        diffusers' randn_tensor: on the generator's device, in the latent dtype, so a generator seeded the same
+        gives the same sample as `vae.encode(img).latent_dist.sample(generator)`."""
+        f = self.config.spatial_factor
+        if img.shape[-2] % f or img.shape[-1] % f:
+            raise ValueError(f"image size {tuple(img.shape[-2:])} is not divisible by the VAE factor {f}; "
+                             f"resize or crop to a multiple of {f}")
+        if generator is not None and not sample:
+            raise ValueError("encode(generator=...) draws nothing without sample=True; pass sample=True or drop it")
+        moments = self.encoder(img.to(self.encoder.conv_in.weight.dtype))     # (B, 2 latent, H/f, W/f)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)                                  # (B, latent, H/f, W/f) each
+        if not sample:
+            return mean
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                            device=mean.device if generator is None else generator.device)
+        return mean + std * noise.to(mean.device)
+
+    def decode(self, z):
+        z = z.to(self.decoder.conv_in.weight.dtype)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
