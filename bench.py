@@ -9,7 +9,7 @@ computable because the data generator is known (tiny.py):
     python bench.py --ckpt runs/tiny/ckpt.pt                  # the README table
     python bench.py --ckpt runs/tiny/ckpt.pt --per_prompt 4   # quicker, noisier
 
-Rows: the data itself, the teacher (Euler, its CFG and shift) at 1, 2, 4, 8, 32 steps, the student
+Rows: the data itself, the teacher (its pipeline's sampler, `Teacher.sample`) at 1, 2, 4, 8, 32 steps, the student
 at 1, 2, 4 steps (its EMA weights, then the raw generator, when the run kept an EMA); same prompts
 and initial noise for every row. Prints a markdown table and writes bench.json next to the checkpoint.
 """
@@ -22,7 +22,7 @@ import time
 import torch
 
 import tiny
-from sample import load_student, student_sample, teacher_sample
+from sample import load_student, student_label, student_sample, teacher_label
 from teacher_loaders import load_teacher
 
 
@@ -45,20 +45,18 @@ def main(args):
     C, h, w = teacher.latent_shape()
     z = torch.randn((n, C, h, w), generator=torch.Generator().manual_seed(args.seed))
     cond = teacher.encode_prompts(prompts)
-    uncond = {k: v.expand(n, *v.shape[1:]) for k, v in teacher.encode_prompts([""]).items()}
     guidance = args.guidance or teacher.guidance
-    shift = float(teacher.scheduler.get("shift", 1.0))
 
     def sub(d, sl):
         return {k: v[sl] for k, v in d.items()}
 
     rows = [("data", 0, lambda sl: tiny.render(prompts[sl], torch.Generator().manual_seed(args.seed + sl.start)))]
     for steps in args.teacher_steps:
-        rows.append((f"teacher, {steps} Euler steps, CFG {guidance}", 2 * steps, lambda sl, k=steps: teacher.decode(
-            teacher_sample(teacher.transformer, z[sl], sub(cond, sl), sub(uncond, sl), k, guidance, shift))))
+        rows.append((*teacher_label(teacher, steps, guidance), lambda sl, k=steps: teacher.decode(
+            teacher.sample(prompts[sl], z[sl], k, guidance))))
     for label, G in students:
         for k in args.student_steps:
-            rows.append((f"{label}, {k} step{'s' * (k > 1)}", k, lambda sl, k=k, G=G: teacher.decode(student_sample(
+            rows.append((student_label(k, label), k, lambda sl, k=k, G=G: teacher.decode(student_sample(
                 G, z[sl], sub(cond, sl), k, ck["num_steps"], ck["t_init"], ck["noise"], args.seed + sl.start))))
 
     results = []

@@ -69,7 +69,8 @@ TEACHER_REPOS = {
 class Teacher:
     name: str
     transformer: torch.nn.Module                 # v = transformer(x, t, **cond); frozen
-    encode_prompts: Callable[[list], dict]       # prompts -> {"text", "text_mask"?, "pooled"?}
+    encode_prompts: Callable[..., dict]          # (prompts, negative=False) -> {"text", "text_mask"?, "pooled"?}
+    #                                              negative=True: encoded as the pipeline encodes its CFG negative
     encode: Callable[[torch.Tensor], torch.Tensor]   # images (B, 3, H, W) in [-1, 1] -> latents x0
     decode: Callable[[torch.Tensor], torch.Tensor]   # latents x0 -> images in [-1, 1]
     latent_channels: int
@@ -79,6 +80,11 @@ class Teacher:
     sample_steps: int                            # the pipeline's default number of inference steps
     guidance: float                              # the pipeline's default guidance_scale
     embeds_guidance: bool = False                # guidance is a network input (FLUX-dev), not CFG
+    # How the pipeline asks its scheduler for the sigma grid (sample.teacher_grid):
+    sigma_grid: str = "scheduler"                # "scheduler": the scheduler's own grid for N steps (SD3, SANA);
+    #                                              "linspace": it passes sigmas = linspace(1, 1/N, N) (FluxPipeline)
+    dynamic_mu: bool = False                     # it passes mu = calculate_shift(image tokens) to a scheduler with
+    #                                              use_dynamic_shifting (SD3, FLUX pipelines; SanaPipeline does not)
     train_defaults: dict = field(default_factory=dict)   # train.py flag defaults for this teacher
     default_prompts: list = field(default_factory=list)  # data-free distillation prompts
 
@@ -93,7 +99,7 @@ class Teacher:
 
     def sample(self, prompts, z, steps=None, guidance=None):
         """x0 latents from initial noise z (B, C, h, w), exactly as the teacher's own pipeline samples them:
-        its scheduler, its default steps and guidance, CFG against "" as the pipeline applies it."""
+        its scheduler and grid policy, its default steps and guidance, guidance as the pipeline applies it."""
         from sample import pipeline_sample   # sample.py holds every sampler; it imports this module
         return pipeline_sample(self, prompts, z, steps or self.sample_steps,
                                self.guidance if guidance is None else guidance)
@@ -417,7 +423,7 @@ def load_tiny_teacher(path, device="cpu"):
     enc.to(device).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def encode_prompts(prompts):
+    def encode_prompts(prompts, negative=False):   # the negative "" is encoded like any prompt
         text, mask = enc(list(prompts))
         return {"text": text, "text_mask": mask}
 
@@ -426,6 +432,7 @@ def load_tiny_teacher(path, device="cpu"):
         encode=tiny.encode_images, decode=tiny.decode_latents,
         latent_channels=cfg.in_channels, vae_factor=tiny.LATENT_FACTOR, resolution=tiny.IMAGE_SIZE,
         scheduler=dict(tiny.SCHEDULER), sample_steps=32, guidance=4.5,
+        sigma_grid="linspace",                  # with shift 1: Euler on t_i = 1 - i/N, the grid it was benchmarked on
         # CPU-sized run of the paper's recipe: same losses, guidance, Adam betas; bigger lr, smaller batch.
         # At this lr the raw G wanders from one iteration to the next (1-step feature FD between 0.5 and 2 at
         # steps 200-300); an EMA with a 1-kimg half-life (~31 iterations) averages that out.
@@ -650,7 +657,7 @@ def load_transformer(path, variant=None, cross_heads=None, time_scale=None, devi
 # SANA pipeline: Gemma-2 prompt encoder, DC-AE, Teacher
 
 # The default `complex_human_instruction` of diffusers SanaPipeline.__call__ (diffusers 0.42.1),
-# prepended to every non-empty prompt; its tokens are dropped again after encoding (see below).
+# prepended to every prompt, "" included (never to the CFG negative); its tokens are dropped again after encoding.
 COMPLEX_HUMAN_INSTRUCTION = [
     "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for "
     "image generation. Evaluate the level of detail in the user prompt:",
@@ -671,37 +678,32 @@ TEXT_TOKENS = 300   # SANA's model_max_length
 
 
 def gemma_prompt_encoder(tokenizer, encoder, instruction=COMPLEX_HUMAN_INSTRUCTION, tokens=TEXT_TOKENS):
-    """prompts -> {"text": (B, 300, D), "text_mask": (B, 300)}, as diffusers SanaPipeline.encode_prompt does:
+    """(prompts, negative=False) -> {"text": (B, 300, D), "text_mask": (B, 300)}, as diffusers
+    SanaPipeline.encode_prompt does (pipelines/sana/pipeline_sana.py):
 
     each prompt is lower().strip()-ed and prefixed with the instruction, tokenised (BOS, right padding) to
     n_instruction_tokens + 300 - 2 and run through Gemma-2 with its mask; then BOS and the last 299 positions
-    are kept, which drops the instruction tokens (their influence stays through causal attention). The empty
-    prompt (the CFG negative) is encoded without the instruction, padded to 300, as the official SiD-DiT code.
+    are kept, which drops the instruction tokens (their influence stays through causal attention). Every
+    prompt of the list gets the instruction, "" included. negative=True encodes the CFG negative as the
+    pipeline does: no instruction, padded to 300 (the official SiD-DiT code encodes its "" the same way).
     """
     tokenizer.padding_side = "right"
     prefix = "\n".join(instruction)
     prefix_len = len(tokenizer.encode(prefix))            # BOS included
     keep = [0] + list(range(-(tokens - 1), 0))            # BOS + the last 299 positions
 
-    def run(texts, length):
-        batch = tokenizer(texts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
+    @torch.no_grad()
+    def encode_prompts(prompts, negative=False):
+        prompts = [p.lower().strip() for p in prompts]
+        if instruction and not negative:
+            prompts, length = [prefix + p for p in prompts], prefix_len + tokens - 2
+        else:
+            length = tokens
+        batch = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
                           return_tensors="pt")
         ids, mask = batch.input_ids.to(encoder.device), batch.attention_mask.to(encoder.device)
         text = encoder(ids, attention_mask=mask).last_hidden_state                  # (B, length, D)
-        return text[:, keep], mask[:, keep]                                         # (B, 300, D), (B, 300)
-
-    @torch.no_grad()
-    def encode_prompts(prompts):
-        prompts = [p.lower().strip() for p in prompts]
-        length = prefix_len + tokens - 2 if instruction else tokens
-        groups = [([i for i, p in enumerate(prompts) if p], prefix, length),    # with the instruction
-                  ([i for i, p in enumerate(prompts) if not p], "", tokens)]    # "" without it
-        text = torch.zeros(len(prompts), tokens, encoder.config.hidden_size, dtype=encoder.dtype, device=encoder.device)
-        mask = torch.zeros(len(prompts), tokens, dtype=torch.long, device=encoder.device)
-        for idx, pre, length in groups:
-            if idx:
-                text[idx], mask[idx] = run([pre + prompts[i] for i in idx], length)
-        return {"text": text, "text_mask": mask}
+        return {"text": text[:, keep], "text_mask": mask[:, keep]}                  # (B, 300, D), (B, 300)
 
     return encode_prompts
 
@@ -916,6 +918,7 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
         decode=decode, latent_channels=vae.config.latent_channels, vae_factor=factor,
         resolution=cfg.sample_size * factor,                  # sample_size is the native latent side
         scheduler=read_scheduler(folder), sample_steps=20, guidance=4.5,   # SanaPipeline.__call__ defaults
+        sigma_grid="scheduler", dynamic_mu=False,             # SanaPipeline passes neither sigmas nor mu
         train_defaults={},                                    # the paper's settings are train.py's defaults
         default_prompts=read_prompts(DEFAULT_PROMPTS),
     )

@@ -7,7 +7,8 @@ What is compared (every parameter randomised with a fixed seed: weights N(0, 0.1
   - load_transformer on diffusers folders (single file, sharded, bf16 variant; with and without qk-norm; the
     Sprint guidance embedder) and on an NVlabs-key .pth built by inverting ORIGINAL_KEYS, against diffusers
     SanaTransformer2DModel called with timestep = 1000 t (1 t for "sprint"): max error <= 1e-4 max|ref|;
-  - the Gemma-2 prompt encoder against diffusers SanaPipeline.encode_prompt (instruction prefix, "", none);
+  - the Gemma-2 prompt encoder against diffusers SanaPipeline.encode_prompt (instruction prefix, the "" negative,
+    none; "" among the prompts: test_sample.py);
   - full-size tensor / parameter counts on the meta device against the official numbers;
   - load_teacher on a tiny pipeline folder, and `python train.py` distilling it for 2 steps;
   - one-line errors on bad input.
@@ -298,12 +299,12 @@ def test_prompt_encoding_matches_diffusers(pipeline, teacher):
     assert tl.COMPLEX_HUMAN_INSTRUCTION == default
     emb, mask, neg, neg_mask = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=True, negative_prompt="",
                                                   complex_human_instruction=default)
-    got = teacher.encode_prompts(PROMPTS + [""])                 # "" is encoded without the instruction
-    assert got["text"].shape == (4, 300, 32) and got["text_mask"].shape == (4, 300)
+    got, got_neg = teacher.encode_prompts(PROMPTS), teacher.encode_prompts([""], negative=True)  # CFG negative: no CHI
+    assert got["text"].shape == (3, 300, 32) and got_neg["text_mask"].shape == (1, 300)
     assert mask[1].all() and not mask[0].all()                   # one prompt truncated, one padded
-    compare("prompt embeddings (instruction)", got["text"][:3], emb)
-    compare("empty prompt embeddings", got["text"][3:], neg[:1])
-    assert torch.equal(got["text_mask"][:3], mask) and torch.equal(got["text_mask"][3:], neg_mask[:1])
+    compare("prompt embeddings (instruction)", got["text"], emb)
+    compare("empty negative prompt embeddings", got_neg["text"], neg[:1])
+    assert torch.equal(got["text_mask"], mask) and torch.equal(got_neg["text_mask"], neg_mask[:1])
     plain = tl.gemma_prompt_encoder(pipe.tokenizer, pipe.text_encoder, instruction=[])(PROMPTS)
     emb0, mask0, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False, complex_human_instruction=None)
     compare("prompt embeddings (no instruction)", plain["text"], emb0)

@@ -45,14 +45,14 @@ CLIP_TOKENS = 77      # both pipelines pad CLIP to tokenizer.model_max_length, 7
 class PromptEncoder:
     """A loaded prompt encoder: enc(prompts) -> {"text": (B, text_len, text_dim), "pooled": (B, pooled_dim)}.
     The widths must equal the transformer's joint_attention_dim and pooled_projection_dim."""
-    encode_prompts: Callable[[list], dict]
+    encode_prompts: Callable[..., dict]     # (prompts, negative=False): negative is the CFG negative prompt
     text_len: int
     text_dim: int
     pooled_dim: int
     encoders: list          # the frozen transformers modules (to move or shard them)
 
-    def __call__(self, prompts):
-        return self.encode_prompts(prompts)
+    def __call__(self, prompts, negative=False):
+        return self.encode_prompts(prompts, negative)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def sd3_prompt_encoder(tokenizers, encoders, max_sequence_length=77, joint_atten
     warned = []
 
     @torch.no_grad()
-    def encode_prompts(prompts):
+    def encode_prompts(prompts, negative=False):    # the pipeline encodes its CFG negative like any prompt
         prompts, cut = prompt_list(prompts), set()
         tokens, pooled = [], []
         for tok, clip in ((tok_l, clip_l), (tok_g, clip_g)):
@@ -127,7 +127,7 @@ def flux_prompt_encoder(tokenizers, encoders, max_sequence_length=512):
     warned = []
 
     @torch.no_grad()
-    def encode_prompts(prompts):
+    def encode_prompts(prompts, negative=False):    # FluxPipeline's (true-CFG) negative: encoded like any prompt
         prompts, cut = prompt_list(prompts), set()
         # CLIP-L's final-LN state at the first eos, no projection (B, 768); T5 without a mask (B, N, 4096)
         pooled = clip(tokenize(tok_clip, prompts, CLIP_TOKENS, cut).to(clip.device)).pooler_output

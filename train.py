@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import sid
 from model import config_to_dict
-from sample import save_grid, student_sample
+from sample import save_grid, student_label, student_sample
 from teacher_loaders import load_teacher, read_prompts
 
 
@@ -255,7 +255,7 @@ def main(args, teacher):
         return {k: on_device(torch.stack([cache[i][k] for i in idx])) for k in cache[idx[0]]}
 
     with autocast:
-        empty = teacher.encode_prompts([""])
+        empty = teacher.encode_prompts([""], negative=True)     # the CFG negative, as the pipeline encodes it
     uncond = {k: on_device(v.expand(micro, *v.shape[1:])) for k, v in empty.items()}
     grid_prompts = prompts[::max(1, len(prompts) // args.n_samples)][:args.n_samples]
     grid_z = torch.randn((len(grid_prompts), *shape), generator=torch.Generator().manual_seed(args.seed + 1))
@@ -272,12 +272,15 @@ def main(args, teacher):
         cond = {k: v.to(device) for k, v in teacher.encode_prompts(grid_prompts).items()}
         z = grid_z.to(device)
         net = ema if ema is not None else G.eval()
+        steps = sorted({1, args.num_steps})
         with autocast:
             rows = [teacher.decode(student_sample(net, z, cond, k, args.num_steps, args.t_init, args.noise, args.seed))
-                    for k in sorted({1, args.num_steps})]
+                    for k in steps]
         G.train()
         if master:
-            save_grid(rows, os.path.join(args.out, "samples", f"{tag}.png"), scale=max(1, 128 // rows[0].shape[-1]))
+            labels = [student_label(k, "student (EMA)" if ema is not None else "student") for k in steps]
+            save_grid(rows, labels, grid_prompts, os.path.join(args.out, "samples", f"{tag}.png"),
+                      scale=max(1, 128 // rows[0].shape[-1]))
 
     def checkpoint_now():
         save_checkpoint(ckpt_path, G, fake, opt_g, opt_f, ema, dict(step=step, rng=g.get_state(), args=vars(args),
