@@ -236,7 +236,7 @@ def teacher_grid(teacher, steps, tokens):
 def guided_velocity(teacher, prompts, guidance, device):
     """v(x, t) for the prompts, guided as the pipeline guides: CFG on [uncond; cond] against the negative "" when
     g > 1 (StableDiffusion3Pipeline, SanaPipeline), g as a network input when the teacher embeds guidance
-    (FluxPipeline with FLUX-dev: no CFG), the plain conditional velocity otherwise. Inputs are cast to the
+    (FluxPipeline with FLUX-dev: no CFG), the plain conditional velocity otherwise (FluxPipeline with schnell). Inputs are cast to the
     transformer's dtype (SanaPipeline does); the velocity is returned in fp32."""
     net = teacher.transformer
     dtype = next(net.parameters()).dtype
@@ -248,7 +248,7 @@ def guided_velocity(teacher, prompts, guidance, device):
     if teacher.embeds_guidance:
         g = torch.full((len(prompts),), float(guidance), device=device)
         return lambda x, t: net(x.to(dtype), t, **cond, guidance=g).float()
-    if guidance > 1:
+    if teacher.pipeline_cfg and guidance > 1:
         neg = prepare(teacher.encode_prompts([""], negative=True))
         uncond = {k: v.expand(len(prompts), *v.shape[1:]) for k, v in neg.items()}
         return lambda x, t: sid.cfg_velocity(net, x.to(dtype), t, cond, uncond, guidance)

@@ -169,15 +169,38 @@ def guide(v_both, scale):
     return v_u + scale * (v_c - v_u)
 
 
-def cfg_velocity(net, x_t, t, cond, uncond, scale):
+EMBEDDED_GUIDANCE = ("with_cfg", "only")
+
+
+def guidance_inputs(x_t, cond, uncond, scale, embedded):
+    """(cond, uncond, true_cfg) of a guided call. `embedded` says how a net that takes the guidance scale as an
+    input (FLUX.1-dev; the teacher states it) is guided; train.py's --embedded_guidance picks:
+
+      None        the net has no guidance input: true CFG alone;
+      "with_cfg"  kappa is fed as the guidance input of both branches AND combined by true CFG, against the
+                  empty prompt: the official SiD-DiT FLUX recipe (sid_dit_flux_util.py), what the paper ran;
+      "only"      kappa as the guidance input of ONE conditional call, no true CFG: how FLUX.1-dev was distilled
+                  to be sampled (FluxPipeline), at half the cost.
+    """
+    if embedded is None:
+        return cond, uncond, True
+    if embedded not in EMBEDDED_GUIDANCE:
+        raise ValueError(f"unknown embedded guidance {embedded!r}; use one of {EMBEDDED_GUIDANCE}")
+    g = torch.full((x_t.shape[0],), float(scale), device=x_t.device)
+    return {**cond, "guidance": g}, {**uncond, "guidance": g}, embedded == "with_cfg"
+
+
+def cfg_velocity(net, x_t, t, cond, uncond, scale, embedded=None):
     """v = v_u + kappa (v_c - v_u), one batched call on [uncond; cond] (Ho & Salimans 2022).
 
     kappa = 1 is the plain conditional net, kappa = 0 the unconditional one (one call each).
     SiD-DiT guides the teacher AND the fake score, also while the fake score is trained
     (three scales kappa1, kappa2, kappa4 in SiD-LSG's naming; 4.5 each in every official script).
     `cond`/`uncond` are dicts of batched tensors (text, text_mask, pooled) passed to net as keywords.
+    embedded: how a guidance-embedding net is guided (guidance_inputs); None for every other net.
     """
-    if scale == 1:
+    cond, uncond, true_cfg = guidance_inputs(x_t, cond, uncond, scale, embedded)
+    if scale == 1 or not true_cfg:
         return net(x_t, t, **cond).float()
     if scale == 0:
         return net(x_t, t, **uncond).float()
@@ -273,14 +296,16 @@ def generator_loss(x_g, x0_teacher, x0_fake, weight, alpha=1.0, scale=100.0):
 # multiplied by C*H*W) averaged over samples.
 
 
-def cfg_velocity_and_logits(net, x_t, t, cond, uncond, scale):
+def cfg_velocity_and_logits(net, x_t, t, cond, uncond, scale, embedded=None):
     """(v, logits): cfg_velocity's guided velocity and the discriminator logits (B, D) of the COND half, from the
     same call (the fake score's pass that yields f_psi also yields the logits: no extra forward).
 
-    kappa = 1: one conditional call. Any other kappa, 0 included, runs the batched [uncond; cond] call, since
-    the logits are always the conditional branch's (official `sid_dit_denoise`, return_flag='encoder_decoder').
+    kappa = 1 (or embedded="only"): one conditional call. Any other kappa, 0 included, runs the batched
+    [uncond; cond] call, since the logits are always the conditional branch's (official `sid_dit_denoise`,
+    return_flag='encoder_decoder').
     """
-    if scale == 1:
+    cond, uncond, true_cfg = guidance_inputs(x_t, cond, uncond, scale, embedded)
+    if scale == 1 or not true_cfg:
         v, feats = net.forward_with_features(x_t, t, **cond)
         return v.float(), feats.float()
     x2, t2, both = cfg_batch(x_t, t, cond, uncond)
@@ -288,7 +313,7 @@ def cfg_velocity_and_logits(net, x_t, t, cond, uncond, scale):
     return guide(v_both, scale), feats.float().chunk(2)[1]
 
 
-def discriminator_pass(net, x_g, x_real, eps, t, cond, cond_real, uncond, scale):
+def discriminator_pass(net, x_g, x_real, eps, t, cond, cond_real, uncond, scale, embedded=None):
     """The fake-score phase's forward passes in data-aided mode: (v_fake, logit_fake, logit_real).
 
         x_t      = (1 - t) x_g    + t eps   ->  guided [uncond; cond] pass (kappa1): v_fake and logit_fake
@@ -297,7 +322,8 @@ def discriminator_pass(net, x_g, x_real, eps, t, cond, cond_real, uncond, scale)
     The real latents reuse the fake sample's eps and t (official rule), so real and fake inputs differ only
     in their clean latents and captions: the discriminator cannot tell them apart by noise level or noise draw.
     """
-    v_fake, logit_fake = cfg_velocity_and_logits(net, add_noise(x_g, eps, t), t, cond, uncond, scale)
+    v_fake, logit_fake = cfg_velocity_and_logits(net, add_noise(x_g, eps, t), t, cond, uncond, scale, embedded)
+    cond_real = guidance_inputs(x_real, cond_real, cond_real, scale, embedded)[0]   # kappa as an input, if any
     _, logit_real = net.forward_with_features(add_noise(x_real, eps, t), t, **cond_real)
     return v_fake, logit_fake, logit_real.float()
 

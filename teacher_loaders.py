@@ -62,6 +62,11 @@ TEACHER_REPOS = {
     "sana-600m-1024": "Efficient-Large-Model/Sana_600M_1024px_diffusers",
     "sana-1.6b-512": "Efficient-Large-Model/Sana_1600M_512px_diffusers",
     "sana-1.6b-1024": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",      # gated: licence + huggingface-cli login
+    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
 }
 
 
@@ -80,6 +85,8 @@ class Teacher:
     sample_steps: int                            # the pipeline's default number of inference steps
     guidance: float                              # the pipeline's default guidance_scale
     embeds_guidance: bool = False                # guidance is a network input (FLUX-dev), not CFG
+    pipeline_cfg: bool = True                    # the pipeline runs CFG against "" when guidance > 1 (SD3, SANA);
+    #                                              FluxPipeline never does (FLUX-dev embeds g; schnell ignores it)
     # How the pipeline asks its scheduler for the sigma grid (sample.teacher_grid):
     sigma_grid: str = "scheduler"                # "scheduler": the scheduler's own grid for N steps (SD3, SANA);
     #                                              "linspace": it passes sigmas = linspace(1, 1/N, N) (FluxPipeline)
@@ -105,12 +112,17 @@ class Teacher:
                                self.guidance if guidance is None else guidance)
 
 
-def load_teacher(name_or_path, device=None, text_dtype=None, variant=None):
+def load_teacher(name_or_path, device=None, text_dtype=None, variant=None, max_sequence_length=None,
+                 transformer=None):
     """A `Teacher` for 'tiny', a named teacher (TEACHER_REPOS), a local diffusers pipeline folder, or a HF repo id.
 
     device: where the frozen nets run (default: CPU for 'tiny'; this rank's GPU for real teachers when there is one).
     text_dtype: the text encoders' dtype (default bf16 on GPU, as the official code; fp32 on CPU).
     variant: transformer weight variant to read ("fp16", "bf16"; default fp32 when the repo has it).
+    max_sequence_length: T5 tokens (SD3: 77, the official SiD-DiT setting, where the pipeline uses 256; FLUX: 512).
+    transformer: an original single file to use instead of the folder's transformer/ (SAI SD3 .safetensors, also
+    taking the VAE from it when it holds `first_stage_model.*`; BFL FLUX .safetensors; NVlabs SANA .pth); the
+    folder still gives the text encoders, tokenizers and scheduler.
     """
     name = str(name_or_path)
     if name == "tiny" or name.endswith(".safetensors"):
@@ -131,7 +143,8 @@ def load_teacher(name_or_path, device=None, text_dtype=None, variant=None):
         pipeline = json.load(f).get("_class_name")
     if pipeline not in PIPELINES:
         raise ValueError(f"{folder} holds a {pipeline!r}; supported pipelines are {sorted(PIPELINES)}")
-    return PIPELINES[pipeline](folder, name, device, text_dtype, variant)
+    options = {k: v for k, v in dict(max_sequence_length=max_sequence_length, transformer=transformer).items() if v}
+    return PIPELINES[pipeline](folder, name, device, text_dtype, variant, **options)
 
 
 def _default_device():
@@ -877,7 +890,7 @@ def kl_teacher_codec(vae, scaling_factor, shift_factor):
     return encode, decode
 
 
-def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
+def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None, transformer=None):
     """A `Teacher` from a diffusers SANA pipeline folder (model_index.json, transformer/, vae/, text_encoder/,
     tokenizer/, scheduler/): our Sana + Gemma-2 through transformers + our DC-AE (vae.py)."""
     from transformers import AutoTokenizer, Gemma2Model
@@ -889,7 +902,7 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None):
     device = torch.device(device) if device is not None else _default_device()
     text_dtype = text_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    net = load_transformer(os.path.join(folder, "transformer"), variant=variant, device=device)
+    net = load_transformer(transformer or os.path.join(folder, "transformer"), variant=variant, device=device)
     net.eval().requires_grad_(False)
     vae, scaling = load_dcae(os.path.join(folder, "vae"), device=device)
     text_folder = os.path.join(folder, "text_encoder")
@@ -1216,8 +1229,79 @@ SINGLE_FILES.append((lambda state: "double_blocks.0.img_attn.qkv.weight" in stat
 
 
 # ----------------------------------------------------------------------------------------------
+# SD3 / SD3.5 and FLUX pipelines: our transformer + the KL VAE (vae.py) + CLIP/T5 (text_encoders.py)
+
+# what each pipeline does beyond its folder's files (diffusers 0.42.1 pipeline_stable_diffusion_3.py,
+# pipeline_flux.py): __call__ defaults, the T5 length SiD-DiT used, how it asks the scheduler for its grid
+KL_PIPELINES = {
+    "StableDiffusion3Pipeline": dict(prompts="sd3", steps=28, guidance=7.0, max_sequence_length=77,
+                                     vae_config="sd3", sigma_grid="scheduler", dynamic_mu=True, pipeline_cfg=True),
+    "FluxPipeline": dict(prompts="flux", steps=28, guidance=3.5, max_sequence_length=512,
+                         vae_config="flux", sigma_grid="linspace", dynamic_mu=True, pipeline_cfg=False),
+}
+
+
+def load_kl_teacher(folder, name, device=None, text_dtype=None, variant=None, max_sequence_length=None,
+                    transformer=None):
+    """A `Teacher` from a diffusers StableDiffusion3Pipeline or FluxPipeline folder: our MMDiT / Flux (or an
+    original single file given as `transformer`), the 16-channel KL VAE, and CLIP + T5 through transformers."""
+    import text_encoders
+    folder = str(folder)
+    with open(os.path.join(folder, "model_index.json")) as f:
+        pipe = KL_PIPELINES[json.load(f)["_class_name"]]
+    for part in ("transformer", "vae", "text_encoder", "tokenizer"):
+        if part == "transformer" and transformer or part == "vae" and _holds_sai_vae(transformer):
+            continue
+        if not os.path.isdir(os.path.join(folder, part)):
+            raise FileNotFoundError(f"{folder} has no {part}/ folder; re-download the pipeline (or pass its pieces)")
+    device = torch.device(device) if device is not None else _default_device()
+    net = load_transformer(transformer or os.path.join(folder, "transformer"), variant=variant, device=device)
+    net.eval().requires_grad_(False)
+    if _holds_sai_vae(transformer):                   # an SAI single file with its VAE beside the transformer
+        from vae import kl_config_from_diffusers      # the file has no VAE config: the folder's, else the preset's
+        vae_json = os.path.join(folder, "vae", "config.json")
+        config = kl_config_from_diffusers(read_model_config(vae_json[:-12], "vae", "")[1]) \
+            if os.path.isfile(vae_json) else pipe["vae_config"]
+        vae, scaling, shift = load_kl_vae(transformer, device, prefix="first_stage_model.", config=config)
+    else:
+        vae, scaling, shift = load_kl_vae(os.path.join(folder, "vae"), device)
+    load_prompts = {"sd3": text_encoders.load_sd3_prompt_encoder, "flux": text_encoders.load_flux_prompt_encoder}
+    prompts = load_prompts[pipe["prompts"]](folder, device, text_dtype,
+                                            max_sequence_length or pipe["max_sequence_length"])
+    cfg = net.config
+    if (prompts.text_dim, prompts.pooled_dim) != (cfg.joint_attention_dim, cfg.pooled_projection_dim) or \
+            vae.config.latent_channels != cfg.in_channels:
+        raise ValueError(f"{folder}: the text encoders (width {prompts.text_dim}, pooled {prompts.pooled_dim}) or the "
+                         f"VAE ({vae.config.latent_channels} channels) do not fit the transformer (text "
+                         f"{cfg.joint_attention_dim}, pooled {cfg.pooled_projection_dim}, {cfg.in_channels} channels); "
+                         f"the pipeline folder mixes models")
+    encode, decode = kl_teacher_codec(vae, scaling, shift)
+    factor = vae.config.spatial_factor
+    return Teacher(
+        name=name, transformer=net, encode_prompts=prompts.encode_prompts, encode=encode, decode=decode,
+        latent_channels=vae.config.latent_channels, vae_factor=factor,
+        resolution=128 * factor,                      # both pipelines' default_sample_size 128: 1024 px
+        scheduler=read_scheduler(folder), sample_steps=pipe["steps"], guidance=pipe["guidance"],
+        embeds_guidance=bool(getattr(cfg, "guidance_embeds", False)), pipeline_cfg=pipe["pipeline_cfg"],
+        sigma_grid=pipe["sigma_grid"], dynamic_mu=pipe["dynamic_mu"],
+        train_defaults={}, default_prompts=read_prompts(DEFAULT_PROMPTS),
+    )
+
+
+def _holds_sai_vae(path):
+    """True when `path` is a .safetensors single file that carries an SAI `first_stage_model.*` VAE."""
+    if not path or not str(path).endswith(".safetensors") or not os.path.isfile(path):
+        return False
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        return any(k.startswith("first_stage_model.") for k in f.keys())
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry: model_index.json `_class_name` -> the function that assembles its Teacher
 
 PIPELINES = {
     "SanaPipeline": load_sana_teacher,
+    "StableDiffusion3Pipeline": load_kl_teacher,
+    "FluxPipeline": load_kl_teacher,
 }
