@@ -6,8 +6,8 @@ computable because the data generator is known (tiny.py):
   FD         Frechet distance of standardised shape features (position, size, fill, colour) to
              fresh data for the same prompts (data vs data: the sampling-noise floor)
 
-    python bench.py --ckpt runs/tiny/ckpt.pt                  # the README table
-    python bench.py --ckpt runs/tiny/ckpt.pt --per_prompt 4   # quicker, noisier
+    python bench.py --ckpt runs/tiny                  # the README table
+    python bench.py --ckpt runs/tiny --per_prompt 4   # quicker, noisier
 
 Rows: the data itself, the teacher (its pipeline's sampler, `Teacher.sample`) at 1, 2, 4, 8, 32 steps, the student
 at 1, 2, 4 steps (its EMA weights, then the raw generator, when the run kept an EMA); same prompts
@@ -22,7 +22,7 @@ import time
 import torch
 
 import tiny
-from sample import load_student, student_label, student_sample, teacher_label
+from sample import STUDENT_FILES, load_student, student_label, student_path, student_sample, teacher_label
 from teacher_loaders import load_teacher
 
 
@@ -37,7 +37,7 @@ def main(args):
     students = []   # (label, generator): the EMA if the run kept one, and the raw generator
     if args.ckpt:
         G, ck = load_student(args.ckpt, ema=False)
-        if ck.get("ema_halflife_kimg", 0) > 0:
+        if os.path.basename(student_path(args.ckpt)) == STUDENT_FILES[0]:
             students.append((f"student (EMA {ck['ema_halflife_kimg']:g} kimg)", load_student(args.ckpt)[0]))
         students.append(("student", G))
     prompts = [p for p in tiny.ALL_PROMPTS for _ in range(args.per_prompt)]
@@ -72,13 +72,14 @@ def main(args):
         results.append(dict(sampler=name, nfe=nfe, adherence=adh, fd=fd, seconds=sec))
         print(f"| {name} | {nfe} | {adh:.3f} | {fd:.4f} | {sec:.0f} |", flush=True)
     if args.ckpt:
-        with open(os.path.join(os.path.dirname(args.ckpt), "bench.json"), "w") as f:
+        folder = args.ckpt if os.path.isdir(args.ckpt) else os.path.dirname(args.ckpt)
+        with open(os.path.join(folder, "bench.json"), "w") as f:
             json.dump(dict(per_prompt=args.per_prompt, guidance=guidance, results=results), f, indent=1)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="prompt adherence and feature FD of teacher and student on tiny")
-    p.add_argument("--ckpt", default=None, help="train.py checkpoint of a tiny-teacher run (omit: teacher only)")
+    p.add_argument("--ckpt", default=None, help="train.py run folder of a tiny-teacher run (omit: teacher only)")
     p.add_argument("--per_prompt", type=int, default=12, help="images per prompt (90 prompts)")
     p.add_argument("--teacher_steps", type=int, nargs="*", default=[1, 2, 4, 8, 32], help="teacher step counts")
     p.add_argument("--student_steps", type=int, nargs="*", default=[1, 2, 4], help="student step counts")

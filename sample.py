@@ -2,8 +2,8 @@
 Pictures: a distilled student at 1..K steps next to its teacher, same prompts, same seeds; and the teacher
 samplers, each exactly as the teacher's own diffusers pipeline samples.
 
-    python sample.py --ckpt runs/tiny/ckpt.pt --scale 4          # prompts: 8 of the teacher's defaults
-    python sample.py --ckpt runs/tiny/ckpt.pt --prompts my.txt --steps 1 2 4 --teacher_steps 32
+    python sample.py --ckpt runs/tiny --scale 4               # prompts: 8 of the teacher's defaults
+    python sample.py --ckpt runs/tiny --prompts my.txt --steps 1 2 4 --teacher_steps 32
     python sample.py --teacher tiny --teacher_steps 4 32 --scale 4   # teacher only, no checkpoint
 
 Writes one labelled PNG grid: a column per prompt (the prompt on top), a row per sampler (its label on the
@@ -26,6 +26,7 @@ pipeline (test_sample.py: `python -m pytest test_sample.py -q -s`).
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -35,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import sid
-from model import build_model, config_from_dict
+from model import build_model, config_from_dict, config_to_dict
 from teacher_loaders import load_teacher, read_prompts
 
 # ----------------------------------------------------------------------------------------------
@@ -355,19 +356,49 @@ def save_grid(rows, labels, prompts, path, scale=1):
     os.replace(tmp, path)
 
 
-def load_student(ckpt_path, device="cpu", ema=True):
-    """(generator module, checkpoint args) from a train.py checkpoint: its EMA weights if it has them
-    (train.py --ema_halflife_kimg > 0) and ema is True, else the raw generator."""
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist; pass the ckpt.pt that train.py wrote")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        G = build_model(config_from_dict(ckpt["config"]))
-        G.load_state_dict(ckpt["ema"] if ema and "ema" in ckpt else ckpt["generator"])
-    except Exception as e:
-        raise ValueError(f"checkpoint {ckpt_path} is corrupt or not a train.py checkpoint "
-                         f"({type(e).__name__}: {str(e)[:200]}); use another checkpoint") from None
-    return G.to(device).eval(), ckpt["args"]
+STUDENT_FILES = ("generator_ema.safetensors", "generator.safetensors")   # in a run folder, in order of preference
+
+
+def save_student(path, state, config, args, step, weights="generator"):
+    """Write a student file atomically: the generator's fp32 weights (our module's keys) in one .safetensors, its
+    config, the run's args, the step and which weights these are ("generator" or "ema") in the metadata.
+    This is what sample.py, eval.py and export.py read; they never touch optimizer state."""
+    from safetensors.torch import save_file
+    meta = {"config": json.dumps(config_to_dict(config)), "args": json.dumps(args), "step": str(step),
+            "weights": weights, "format": "nano-sid-dit student v1"}
+    save_file({k: v.detach().float().contiguous() for k, v in state.items()}, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)
+
+
+def student_path(path, ema=True):
+    """The student file of a run folder (its EMA if the run kept one and ema is True), or `path` itself."""
+    if os.path.isdir(path):
+        names = STUDENT_FILES if ema else STUDENT_FILES[1:]
+        found = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+        if not found:
+            raise FileNotFoundError(f"{path} holds no {' or '.join(names)}; pass the run folder (--out) of a train.py "
+                                    f"run that saved a checkpoint, or a student .safetensors file")
+        return found[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"student {path} does not exist; pass a train.py run folder or its "
+                                f"generator.safetensors")
+    return path
+
+
+def load_student(path, device="cpu", ema=True):
+    """(generator module, run args dict) from a train.py run folder or a student file (save_student).
+
+    A run folder gives its EMA (generator_ema.safetensors) when the run kept one and ema is True, else the raw
+    generator. The module is built from the file's config, every key and shape checked, fp32, eval mode."""
+    from teacher_loaders import IDENTITY, load_weights, read_safetensors
+    path = student_path(path, ema)
+    state, meta = read_safetensors(path)
+    if "config" not in meta or "args" not in meta:
+        raise ValueError(f"{path} has no student config in its metadata: it is not a file train.py wrote; pass the "
+                         f"generator.safetensors of a run folder")
+    cfg = config_from_dict(json.loads(meta["config"]))
+    G = load_weights(lambda: build_model(cfg), state, IDENTITY, path, hint="the file is corrupt; re-export it")
+    return G.float().to(device).eval().requires_grad_(False), json.loads(meta["args"])
 
 
 def main(args):
@@ -380,7 +411,8 @@ def main(args):
     z = torch.randn((len(prompts), C, h, w), generator=torch.Generator().manual_seed(args.seed)).to(device)
     cond = teacher.encode_prompts(prompts)
     K = ck.get("num_steps", 4)
-    tag = "student (EMA)" if G is not None and not args.raw and ck.get("ema_halflife_kimg", 0) > 0 else "student"
+    ema = G is not None and os.path.basename(student_path(args.ckpt, not args.raw)) == STUDENT_FILES[0]
+    tag = "student (EMA)" if ema else "student"
     rows, labels = [], []
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=args.bf16):
         if G is not None:
@@ -399,7 +431,8 @@ def main(args):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="sample a distilled student and its teacher side by side")
-    p.add_argument("--ckpt", default=None, help="train.py checkpoint (ckpt.pt); omit to sample the teacher only")
+    p.add_argument("--ckpt", default=None, help="train.py run folder (its generator[_ema].safetensors) or a student "
+                   "file; omit to sample the teacher only")
     p.add_argument("--teacher", default=None, help="teacher name or path (default: the checkpoint's)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: teacher's list)")
     p.add_argument("--n", type=int, default=8, help="number of default prompts when --prompts is not given")

@@ -60,6 +60,12 @@ def test_smoke_one_rank_writes_everything(tmp_path):
     assert c["step"] == 2 and c["args"]["teacher"] == "tiny" and c["config"]["family"] == "SanaConfig"
     assert all(v.dtype == torch.float32 for v in c["generator"].values())    # fp32 master weights
     assert set(c) >= {"generator", "fake", "opt_g", "opt_f", "rng", "args", "config", "step"}
+    # the student file that sample.py / eval.py / export.py read holds exactly the generator, with its config
+    from sample import load_student
+    for ema, key in ((False, "generator"), (True, "ema")):      # the tiny teacher's runs keep an EMA
+        G, run_args = load_student(out, ema=ema)
+        assert run_args["teacher"] == "tiny" and run_args["num_steps"] == 4
+        assert all(torch.equal(v, c[key][k]) for k, v in G.state_dict().items()), key
 
 
 def test_resume_is_bit_identical(tmp_path):

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import sid
 from model import config_to_dict
-from sample import save_grid, student_label, student_sample
+from sample import save_grid, save_student, student_label, student_sample
 from teacher_loaders import load_teacher, read_prompts
 
 
@@ -78,7 +78,8 @@ def get_parser():
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt exactly")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     p.add_argument("--sample_every", type=int, default=500, help="write sample grids every N steps (0: off)")
-    p.add_argument("--ckpt_every", type=int, default=500, help="write the checkpoint every N steps")
+    p.add_argument("--ckpt_every", type=int, default=500, help="write the checkpoint every N steps and at the end "
+                   "(0: never, for benchmarks)")
     p.add_argument("--n_samples", type=int, default=8, help="prompts in each sample grid")
     return p
 
@@ -145,6 +146,13 @@ def save_checkpoint(path, G, fake, opt_g, opt_f, ema, state):
         ckpt["generator"] = {k: v.float() for k, v in ckpt["generator"].items()}   # sample.py/eval use fp32
         torch.save(ckpt, path + ".tmp")
         os.replace(path + ".tmp", path)
+        # the student files sample.py, eval.py and export.py read: weights + config, no optimizer state
+        folder, config = os.path.dirname(path), G.config
+        save_student(os.path.join(folder, "generator.safetensors"), ckpt["generator"], config, state["args"],
+                     state["step"])
+        if ema is not None:
+            save_student(os.path.join(folder, "generator_ema.safetensors"), ckpt["ema"], config, state["args"],
+                         state["step"], weights="ema")
     if dist.is_initialized():
         dist.barrier()
 
@@ -294,8 +302,15 @@ def main(args, teacher):
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, file=sys.stdout)
+    def clock():   # wall time after the device's queued work: per-phase times and the benchmark (bench.py)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     while step < args.max_steps:
-        t0 = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = clock()
         k = int(torch.randint(1, args.num_steps + 1, (1,), generator=g))   # same k on every rank and phase
 
         # ---- 1. Fake-score update: flow matching on generator samples (G frozen) ----
@@ -318,6 +333,7 @@ def main(args, teacher):
         gnorm_f, loss_f = grad_norm(fake), mean_over_ranks(loss_f)
         check_finite(step + 1, "fake score", loss_f, gnorm_f, last_good)
         opt_f.step()
+        t1 = clock()
 
         # ---- 2. Generator update: SiD loss, gradient through x_g and both nets' inputs ----
         fake.requires_grad_(False)
@@ -345,11 +361,13 @@ def main(args, teacher):
                 for e, p in zip(ema.parameters(), G.parameters()):
                     e.lerp_(p.to(e.dtype), 1 - ema_beta)
         step += 1
+        t2 = clock()
 
         # ---- bookkeeping: one log line per step, metrics, sample grids, checkpoint ----
-        dt = time.time() - t0
+        dt = t2 - t0
         rec = dict(step=step, k=k, loss_fake=loss_f, loss_gen=loss_g, gnorm_fake=gnorm_f, gnorm_gen=gnorm_g,
-                   img_per_s=args.batch / dt, sec=dt)
+                   img_per_s=args.batch / dt, sec=dt, sec_fake=t1 - t0, sec_gen=t2 - t1,
+                   peak_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -358,7 +376,7 @@ def main(args, teacher):
         bar.update(1)
         if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
             write_samples(f"step{step:06d}")
-        if step % args.ckpt_every == 0 or step == args.max_steps:
+        if args.ckpt_every and (step % args.ckpt_every == 0 or step == args.max_steps):
             last_good = checkpoint_now()
     bar.close()
     log(f"done: {last_good}; samples in {os.path.join(args.out, 'samples')}")
