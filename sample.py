@@ -290,8 +290,10 @@ def student_label(k, tag="student"):
 
 @torch.no_grad()
 def student_sample(G, z, cond, k, K, t_init=1.0, noise="fresh", seed=0):
-    """x0 after k steps of the K-step SiD-DiT sampler, with seeded fresh noise."""
+    """x0 after k steps of the K-step SiD-DiT sampler, with seeded fresh noise (guidance input 1.0 for a
+    generator that embeds guidance, as in training)."""
     g = torch.Generator().manual_seed(seed)
+    cond = sid.generator_inputs(cond, getattr(G.config, "guidance_embeds", False))
     return sid.generate(G, z, cond, k, K, t_init, noise,
                         randn=lambda like: torch.randn(like.shape, generator=g).to(like))
 

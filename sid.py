@@ -212,6 +212,16 @@ def cfg_velocity(net, x_t, t, cond, uncond, scale, embedded=None):
 # The few-step generator
 
 
+def generator_inputs(cond, embeds_guidance):
+    """G's conditioning: the prompt features, plus guidance 1.0 for a generator copied from a teacher that takes the
+    guidance scale as an input (FLUX.1-dev; the teacher states it). 1.0 is the official setting
+    (sid_dit_flux_util.sid_dit_generate, guidance_scale=1, never overridden by the training loops)."""
+    if not embeds_guidance:
+        return cond
+    ref = next(iter(cond.values()))
+    return {**cond, "guidance": torch.ones(ref.shape[0], device=ref.device)}
+
+
 def generator_times(K, t_init=1.0):
     """Step grid t_i = t_init (1 - i / K), i = 0..K-1: [1, .75, .5, .25] for K = 4."""
     return [t_init * (1 - i / K) for i in range(K)]

@@ -931,6 +931,7 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None, 
         decode=decode, latent_channels=vae.config.latent_channels, vae_factor=factor,
         resolution=cfg.sample_size * factor,                  # sample_size is the native latent side
         scheduler=read_scheduler(folder), sample_steps=20, guidance=4.5,   # SanaPipeline.__call__ defaults
+        embeds_guidance=cfg.guidance_embeds,                  # Sana-Sprint teachers take the scale as an input
         sigma_grid="scheduler", dynamic_mu=False,             # SanaPipeline passes neither sigmas nor mu
         train_defaults={},                                    # the paper's settings are train.py's defaults
         default_prompts=read_prompts(DEFAULT_PROMPTS),

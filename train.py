@@ -42,8 +42,14 @@ from teacher_loaders import load_teacher, read_prompts
 def get_parser():
     p = argparse.ArgumentParser(description="SiD-DiT: score identity distillation of a flow-matching DiT")
     # teacher and prompts
-    p.add_argument("--teacher", default="sana", help="tiny | sana | sana-600m-1024 | sana-1.6b-512 | sana-1.6b-1024 "
-                   "| a diffusers pipeline folder | a Hugging Face repo id")
+    p.add_argument("--teacher", default="sana", help="tiny | sana | sana-600m-1024 | sana-1.6b-512 | sana-1.6b-1024 | "
+                   "sd3-medium | sd3.5-medium | sd3.5-large | flux-dev | flux-schnell | a diffusers pipeline folder | "
+                   "a Hugging Face repo id")
+    p.add_argument("--transformer", default=None, help="an original single file to use as the teacher's transformer "
+                   "(SAI sd3*.safetensors, with its VAE if it holds one; BFL flux1-*.safetensors; NVlabs SANA .pth); "
+                   "the --teacher folder gives the text encoders, tokenizers, VAE and scheduler")
+    p.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens (SD3: 77 as official SiD-DiT, "
+                   "the pipeline uses 256; FLUX: 512)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: the teacher's list)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the teacher's)")
     # SiD
@@ -58,6 +64,11 @@ def get_parser():
     p.add_argument("--cfg_train_fake", type=float, default=4.5, help="kappa1: CFG of the fake score when training it")
     p.add_argument("--cfg_eval_fake", type=float, default=4.5, help="kappa2: CFG of the fake score in the G loss")
     p.add_argument("--cfg_eval_real", type=float, default=4.5, help="kappa4: CFG of the teacher in the G loss")
+    p.add_argument("--embedded_guidance", default="with_cfg", choices=sid.EMBEDDED_GUIDANCE,
+                   help="for a teacher that takes the guidance scale as an input (FLUX.1-dev): with_cfg = kappa as that "
+                        "input AND true CFG against '' (official, what the paper ran); only = kappa as the input of one "
+                        "conditional call, no CFG (as FLUX.1-dev is sampled; half the teacher and fake-score cost). "
+                        "The generator always gets guidance 1.0")
     p.add_argument("--ls", type=float, default=1.0, help="fake-score loss scale")
     p.add_argument("--lsg", type=float, default=100.0, help="generator loss scale")
     # optimisation
@@ -88,7 +99,7 @@ def parse_args(argv=None):
     """Flags, with the teacher's own defaults (Teacher.train_defaults) applied under the user's flags."""
     p = get_parser()
     pre, _ = p.parse_known_args(argv)
-    teacher = load_teacher(pre.teacher)
+    teacher = load_teacher(pre.teacher, transformer=pre.transformer, max_sequence_length=pre.max_sequence_length)
     p.set_defaults(**teacher.train_defaults)
     args = p.parse_args(argv)
     mode_lr, mode_eps = (1e-5, 1e-4) if args.precision == "bf16" else (1e-6, 1e-8)   # official README recipes
@@ -230,6 +241,12 @@ def main(args, teacher):
     opt_g = torch.optim.Adam(G.parameters(), lr=args.glr, **adam)
     opt_f = torch.optim.Adam(fake.parameters(), lr=args.lr, **adam)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "amp" else nullcontext())
+    # guidance: true CFG for every teacher; one that embeds the scale (FLUX.1-dev) also gets it as an input
+    # (--embedded_guidance), and then so does G, fed 1.0. The teacher states the capability; no family is named.
+    embedded = args.embedded_guidance if teacher.embeds_guidance else None
+
+    def g_inputs(cond):
+        return sid.generator_inputs(cond, teacher.embeds_guidance)
 
     # Setup randomness: one CPU generator, same seed on every rank; each draw covers the global
     # round and every rank keeps its slice.
@@ -297,7 +314,8 @@ def main(args, teacher):
 
     n_params = sum(p.numel() for p in real.parameters()) if not distributed else "sharded"
     log(f"SiD-DiT: teacher {args.teacher} ({n_params} params), latent {tuple(shape)}, {len(prompts)} prompts, "
-        f"{world} rank(s) x {rounds} round(s) x {micro} = batch {args.batch}, {args.precision}, device {device}")
+        f"{world} rank(s) x {rounds} round(s) x {micro} = batch {args.batch}, {args.precision}, device {device}"
+        + (f", embedded guidance {embedded}" if embedded else ""))
     if master:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
@@ -321,10 +339,10 @@ def main(args, teacher):
         for r in range(rounds):
             cond, z, eps, t = draw()
             with torch.no_grad(), autocast:
-                x_g = sid.generate(G, z, cond, k, args.num_steps, args.t_init, args.noise, randn=randn)
+                x_g = sid.generate(G, z, g_inputs(cond), k, args.num_steps, args.t_init, args.noise, randn=randn)
             x_t = sid.add_noise(x_g, eps, t)
             with autocast:
-                v_fake = sid.cfg_velocity(fake, x_t, t, cond, uncond, args.cfg_train_fake)
+                v_fake = sid.cfg_velocity(fake, x_t, t, cond, uncond, args.cfg_train_fake, embedded)
             loss = sid.fake_score_loss(v_fake, x_g, eps, args.ls) / rounds
             if distributed:
                 fake.set_requires_gradient_sync(r == rounds - 1)   # reduce-scatter once per update
@@ -343,10 +361,12 @@ def main(args, teacher):
         for r in range(rounds):
             cond, z, eps, t = draw()
             with autocast:
-                x_g = sid.generate(G, z, cond, k, args.num_steps, args.t_init, args.noise, grad=True, randn=randn)
+                x_g = sid.generate(G, z, g_inputs(cond), k, args.num_steps, args.t_init, args.noise, grad=True,
+                                   randn=randn)
                 x_t = sid.add_noise(x_g, eps, t)
-                x0_real = sid.x0_from_velocity(x_t, t, sid.cfg_velocity(real, x_t, t, cond, uncond, args.cfg_eval_real))
-                x0_fake = sid.x0_from_velocity(x_t, t, sid.cfg_velocity(fake, x_t, t, cond, uncond, args.cfg_eval_fake))
+                v_real = sid.cfg_velocity(real, x_t, t, cond, uncond, args.cfg_eval_real, embedded)
+                v_fake = sid.cfg_velocity(fake, x_t, t, cond, uncond, args.cfg_eval_fake, embedded)
+                x0_real, x0_fake = sid.x0_from_velocity(x_t, t, v_real), sid.x0_from_velocity(x_t, t, v_fake)
             w = sid.loss_weight(args.weighting, t, x_g, x0_real)
             loss = sid.generator_loss(x_g, x0_real, x0_fake, w, args.alpha, args.lsg) / rounds
             if distributed:
