@@ -92,6 +92,10 @@ def get_parser():
     p.add_argument("--ckpt_every", type=int, default=500, help="write the checkpoint every N steps and at the end "
                    "(0: never, for benchmarks)")
     p.add_argument("--n_samples", type=int, default=8, help="prompts in each sample grid")
+    p.add_argument("--dry_run", action="store_true", help="print the per-GPU memory plan of this run (parameters, "
+                   "gradients, Adam, teacher, encoders, activations), whether it fits and what would make it fit; "
+                   "then exit (0: fits, 1: does not)")
+    p.add_argument("--gpu_gb", type=float, default=None, help="GPU memory for --dry_run (default: this GPU's, else 80)")
     return p
 
 
@@ -211,6 +215,13 @@ def main(args, teacher):
     rounds = args.batch // (world * micro)          # gradient-accumulation rounds per update
     gb = world * micro                              # global samples drawn per round
     shape = teacher.latent_shape(args.resolution)   # (C, h, w); errors name a valid resolution
+    if args.dry_run:                                 # the memory plan, before anything is built or written
+        from bench import preflight
+        report, fits = preflight(args, teacher, world, micro)
+        log(report)
+        if distributed:
+            dist.destroy_process_group()
+        sys.exit(0 if fits else 1)
     prompts = read_prompts(args.prompts) if args.prompts else teacher.default_prompts
     if not prompts:
         raise ValueError("this teacher ships no prompt list; pass --prompts FILE")
