@@ -126,6 +126,9 @@ def load_teacher(name_or_path, device=None, text_dtype=None, variant=None, max_s
     """
     name = str(name_or_path)
     if name == "tiny" or name.endswith(".safetensors"):
+        if transformer or max_sequence_length:
+            raise ValueError("transformer= / max_sequence_length= are for real teachers' pipeline folders; the tiny "
+                             "teacher is one file: drop them")
         path = os.path.join(ASSETS, "tiny_teacher.safetensors") if name == "tiny" else name
         return load_tiny_teacher(path, device or "cpu")
     if name in TEACHER_REPOS or (not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name)):
@@ -890,11 +893,15 @@ def kl_teacher_codec(vae, scaling_factor, shift_factor):
     return encode, decode
 
 
-def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None, transformer=None):
+def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None, transformer=None,
+                      max_sequence_length=None):
     """A `Teacher` from a diffusers SANA pipeline folder (model_index.json, transformer/, vae/, text_encoder/,
     tokenizer/, scheduler/): our Sana + Gemma-2 through transformers + our DC-AE (vae.py)."""
     from transformers import AutoTokenizer, Gemma2Model
     folder = str(folder)
+    if max_sequence_length not in (None, TEXT_TOKENS):
+        raise ValueError(f"max_sequence_length={max_sequence_length}: SANA's Gemma-2 features are {TEXT_TOKENS} tokens, "
+                         f"as SanaPipeline encodes them; drop --max_sequence_length (it is for the T5 of SD3 / FLUX)")
     for part in ("transformer", "vae", "text_encoder", "tokenizer"):
         if not os.path.isdir(os.path.join(folder, part)):
             raise FileNotFoundError(f"{folder} has no {part}/ folder; a SANA teacher needs transformer/, vae/, "
