@@ -34,8 +34,8 @@ ranks see the same global batches, and resuming needs only the position (state_d
 by (seed, position): infinite, and resumable the same way.
 
 Bad input stops at setup with a one-line error naming the file: a missing or empty folder, an unreadable or
-truncated image, an image with no caption. `warn_long_captions` warns once for captions the prompt encoder
-will truncate.
+truncated image, an image with no caption. A caption longer than the text encoder takes is cut as the
+teacher's pipeline cuts it, with one warning (the prompt encoders warn once).
 
 Checked by: test_adversarial.py (`python -m pytest test_adversarial.py -q`).
 """
@@ -44,7 +44,6 @@ import hashlib
 import json
 import os
 import uuid
-import warnings
 
 import numpy as np
 import torch
@@ -163,19 +162,6 @@ def load_image(path, resolution):
     im = im.crop((left, top, left + resolution, top + resolution))
     x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)   # (3, R, R) uint8
     return (x.float() / 255 - 0.5) / 0.5
-
-
-def warn_long_captions(items, count_tokens, max_tokens):
-    """ONE warning for every caption longer than the prompt encoder takes (it truncates them); returns how many.
-
-    items: [(source, caption)]; count_tokens(captions) -> token counts, as the encoder tokenises them.
-    """
-    counts = count_tokens([caption for _, caption in items])
-    long = [source for (source, _), n in zip(items, counts) if n > max_tokens]
-    if long:
-        warnings.warn(f"{len(long)} of {len(items)} captions are longer than the text encoder's {max_tokens} tokens "
-                      f"and will be truncated (first: {long[0]})", stacklevel=2)
-    return len(long)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -76,7 +77,9 @@ class Teacher:
     transformer: torch.nn.Module                 # v = transformer(x, t, **cond); frozen
     encode_prompts: Callable[..., dict]          # (prompts, negative=False) -> {"text", "text_mask"?, "pooled"?}
     #                                              negative=True: encoded as the pipeline encodes its CFG negative
-    encode: Callable[[torch.Tensor], torch.Tensor]   # images (B, 3, H, W) in [-1, 1] -> latents x0
+    encode: Callable[..., torch.Tensor]          # (images (B, 3, H, W) in [-1, 1], generator=None) -> latents x0;
+    #                                              a generator draws from the latent distribution where the VAE has
+    #                                              one (SD3/FLUX KL VAE, as the official data path); others ignore it
     decode: Callable[[torch.Tensor], torch.Tensor]   # latents x0 -> images in [-1, 1]
     latent_channels: int
     vae_factor: int                              # image pixels per latent pixel
@@ -445,15 +448,17 @@ def load_tiny_teacher(path, device="cpu"):
 
     return Teacher(
         name="tiny", transformer=net, encode_prompts=encode_prompts,
-        encode=tiny.encode_images, decode=tiny.decode_latents,
+        encode=lambda img, generator=None: tiny.encode_images(img), decode=tiny.decode_latents,   # exact codec
         latent_channels=cfg.in_channels, vae_factor=tiny.LATENT_FACTOR, resolution=tiny.IMAGE_SIZE,
         scheduler=dict(tiny.SCHEDULER), sample_steps=32, guidance=4.5,
         sigma_grid="linspace",                  # with shift 1: Euler on t_i = 1 - i/N, the grid it was benchmarked on
         # CPU-sized run of the paper's recipe: same losses, guidance, Adam betas; bigger lr, smaller batch.
         # At this lr the raw G wanders from one iteration to the next (1-step feature FD between 0.5 and 2 at
         # steps 200-300); an EMA with a 1-kimg half-life (~31 iterations) averages that out.
+        # With --data: the official 20k / 40k-image warm-up is 2% / 4% of a 1M-image run; 320 / 640 images (10 / 20
+        # of 300 iterations) keep the adversarial phase most of this short run.
         train_defaults=dict(batch=32, lr=1e-4, glr=1e-4, max_steps=300, sample_every=100, ckpt_every=100,
-                            grad_checkpointing=0, ema_halflife_kimg=1.0),
+                            grad_checkpointing=0, ema_halflife_kimg=1.0, gan_g_start=320, gan_adv_start=640),
         default_prompts=list(tiny.ALL_PROMPTS),
     )
 
@@ -708,6 +713,8 @@ def gemma_prompt_encoder(tokenizer, encoder, instruction=COMPLEX_HUMAN_INSTRUCTI
     prefix_len = len(tokenizer.encode(prefix))            # BOS included
     keep = [0] + list(range(-(tokens - 1), 0))            # BOS + the last 299 positions
 
+    warned = []
+
     @torch.no_grad()
     def encode_prompts(prompts, negative=False):
         prompts = [p.lower().strip() for p in prompts]
@@ -715,6 +722,10 @@ def gemma_prompt_encoder(tokenizer, encoder, instruction=COMPLEX_HUMAN_INSTRUCTI
             prompts, length = [prefix + p for p in prompts], prefix_len + tokens - 2
         else:
             length = tokens
+        if not warned and max(len(ids) for ids in tokenizer(prompts).input_ids) > length:
+            warned.append(True)     # once per encoder, as text_encoders.py warns for CLIP / T5
+            warnings.warn(f"prompts were truncated to fit Gemma-2's {tokens} tokens, as SanaPipeline does; shorten "
+                          f"them to keep every word", stacklevel=2)
         batch = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
                           return_tensors="pt")
         ids, mask = batch.input_ids.to(encoder.device), batch.attention_mask.to(encoder.device)
@@ -875,15 +886,15 @@ def kl_teacher_codec(vae, scaling_factor, shift_factor):
     (diffusers 0.42.1 pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py, pipelines/flux/pipeline_flux.py:
     decode `latents / scaling_factor + shift_factor`; their img2img `_encode_vae_image`: `(z - shift) * scaling`).
 
-    encode(img, sample=False, generator=None): (B, 3, H, W) in [-1, 1] -> x0 (B, 16, H/8, W/8) in fp32, from the
-    posterior mean or (sample=True) a sample, as the official SiD-DiT data path encodes real images;
+    encode(img, generator=None): (B, 3, H, W) in [-1, 1] -> x0 (B, 16, H/8, W/8) in fp32: the posterior mean, or a
+    seeded sample when a generator is given, as the official SiD-DiT data path encodes real images;
     decode(x0) -> (B, 3, H, W) in [-1, 1], fp32, clamped.
     """
     device = vae.encoder.conv_in.weight.device
 
     @torch.no_grad()
-    def encode(img, sample=False, generator=None):
-        z = vae.encode(img.to(device), sample=sample, generator=generator).float()
+    def encode(img, generator=None):
+        z = vae.encode(img.to(device), sample=generator is not None, generator=generator).float()
         return (z - shift_factor) * scaling_factor
 
     @torch.no_grad()
@@ -925,7 +936,7 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None, 
                          f"caption {cfg.caption_channels}); the pipeline folder mixes models")
 
     @torch.no_grad()
-    def encode(img):                        # (B, 3, H, W) in [-1, 1] -> x0 (B, 32, H/32, W/32)
+    def encode(img, generator=None):        # (B, 3, H, W) in [-1, 1] -> x0 (B, 32, H/32, W/32); DC-AE is deterministic
         return vae.encode(img.to(device)).float() * scaling
 
     @torch.no_grad()

@@ -17,7 +17,9 @@ What is checked:
     (real and fake inputs share eps and t);
   - data.py: both folder layouts, every bad input as a one-line error naming the file, the resize/crop, the
     latent cache (encode once, reuse, re-encode a changed file), the rank order (disjoint, complete, the same
-    global batches on 1 and 2 ranks, resumable), the `tiny` stream, the single long-caption warning.
+    global batches on 1 and 2 ranks, resumable), the `tiny` stream;
+  - train.py --data (subprocess runs on the tiny teacher): the 20k/40k schedule in the log, bit-exact resume and
+    1-vs-2-rank parity with --data tiny, a folder of PNGs encoded once and reused on resume, bad input.
 """
 
 import json
@@ -447,9 +449,72 @@ def test_tiny_stream_parity_and_resume():
     assert p2 == p3 and torch.equal(z2, z3) and not torch.equal(z1, z2)
 
 
-def test_long_captions_warn_once():
-    items = [("a.png", "one two"), ("b.png", "one two three four"), ("c.png", "x " * 9), ("d.png", "y " * 5)]
-    with pytest.warns(UserWarning) as record:
-        n = data.warn_long_captions(items, lambda caps: [len(c.split()) for c in caps], 3)
-    print(record[0].message)
-    assert n == 3 and len(record) == 1 and "b.png" in str(record[0].message) and "3 of 4" in str(record[0].message)
+# ----------------------------------------------------------------------------------------------
+# train.py --data: the two phases gain the adversarial terms; resume, ranks, the latent cache
+
+
+GAN = ["--batch", "4", "--sample_every", "0", "--grad_checkpointing", "0", "--gan_g_start", "4",
+       "--gan_adv_start", "8"]   # batch 4: iteration 1-2 the discriminator alone, 3 L_G, 4+ 0.5 L_G + 0.5 L_adv
+
+
+def test_train_data_tiny_schedule_and_exact_resume(tmp_path):
+    from test_train import ckpt, metrics, run
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run(["--teacher", "tiny", "--data", "tiny", "--out", a, "--max_steps", "5"] + GAN)
+    run(["--teacher", "tiny", "--data", "tiny", "--out", b, "--max_steps", "3"] + GAN)
+    run(["--teacher", "tiny", "--data", "tiny", "--out", b, "--max_steps", "5", "--resume"] + GAN)
+    ma, mb = metrics(a), metrics(b)
+    for r in ma:
+        print({k: r[k] for k in ("step", "k", "loss_fake", "loss_gen", "loss_sid", "loss_d", "loss_adv", "acc_real",
+                                 "acc_fake", "w_sid", "w_adv")})
+    assert [r["w_adv"] for r in ma] == [0, 0, 0, 0.5, 0.5] and [r["w_sid"] for r in ma] == [1, 1, 1, 0.5, 0.5]
+    assert all(np.isnan(r["loss_gen"]) for r in ma[:2]) and all(np.isfinite(r["loss_gen"]) for r in ma[2:])
+    assert all(r["loss_d"] > 0 for r in ma) and all(r["loss_adv"] > 0 for r in ma[2:])
+    for r in ma[2:]:    # what G's backward saw: L_G alone, then the 0.5 / 0.5 mix
+        assert r["loss_gen"] == pytest.approx(r["w_sid"] * r["loss_sid"] + r["w_adv"] * r["loss_adv"], rel=1e-6)
+    for ra, rb in zip(ma, mb):
+        assert [ra[k] for k in ("k", "loss_fake", "loss_d")] == [rb[k] for k in ("k", "loss_fake", "loss_d")]
+        assert ra["loss_gen"] == rb["loss_gen"] or np.isnan(ra["loss_gen"]) and np.isnan(rb["loss_gen"])
+    ca, cb, w0 = ckpt(a), ckpt(b), tl.load_teacher("tiny").transformer.state_dict()
+    assert ca["data"] == cb["data"] == {"position": 5 * 4 * 1}      # 5 iterations x 1 round x batch 4
+    for key in ("generator", "fake"):
+        assert all(torch.equal(ca[key][n], cb[key][n]) for n in ca[key]), f"{key} differs after resume"
+    assert max((ca["generator"][n] - w0[n]).abs().max() for n in w0) > 0
+
+
+def test_train_data_tiny_two_ranks_match_one_rank(tmp_path):
+    from test_train import metrics, run
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run(["--teacher", "tiny", "--data", "tiny", "--out", one, "--max_steps", "4", "--precision", "fp32"] + GAN)
+    run(["--teacher", "tiny", "--data", "tiny", "--out", two, "--max_steps", "4", "--precision", "fp32"] + GAN, nproc=2)
+    for r1, r2 in zip(metrics(one), metrics(two)):
+        print(r1["step"], [(r1[k], r2[k]) for k in ("loss_fake", "loss_d", "loss_gen", "loss_adv")])
+        assert r1["k"] == r2["k"] and r1["acc_real"] == pytest.approx(r2["acc_real"], abs=0.02)
+        for key in ("loss_fake", "loss_d", "loss_adv"):
+            assert r1[key] == pytest.approx(r2[key], rel=1e-4, abs=1e-4), key
+        assert r1["loss_gen"] == pytest.approx(r2["loss_gen"], rel=1e-3, abs=1e-3, nan_ok=True)
+
+
+def test_train_data_folder_is_encoded_once(tmp_path):
+    """A folder of captioned PNGs, as a user brings it: encoded into <out>/latents once; --resume reads the same
+    shards and encodes nothing; a bad folder is one line on stderr."""
+    from test_train import bad, run
+    root = tmp_path / "images"
+    root.mkdir()
+    prompts = tiny.ALL_PROMPTS[:6]
+    images = tiny.render(prompts, torch.Generator().manual_seed(0))
+    rows = []
+    for i, (p, img) in enumerate(zip(prompts, images)):
+        Image.fromarray(((img.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()).save(root / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": p}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    run(["--teacher", "tiny", "--data", str(root), "--out", str(out), "--max_steps", "1"] + GAN)
+    shards = sorted((f.name, f.stat().st_mtime_ns) for f in (out / "latents").iterdir())
+    print("latent shards:", shards)
+    assert len(shards) == 1 and shards[0][0].endswith(".safetensors")
+    run(["--teacher", "tiny", "--data", str(root), "--out", str(out), "--max_steps", "2", "--resume"] + GAN)
+    assert sorted((f.name, f.stat().st_mtime_ns) for f in (out / "latents").iterdir()) == shards
+    (tmp_path / "empty").mkdir()
+    bad(["--teacher", "tiny", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "x")] + GAN, tmp_path,
+        "holds no images")

@@ -299,7 +299,11 @@ def test_prompt_encoding_matches_diffusers(pipeline, teacher):
     assert tl.COMPLEX_HUMAN_INSTRUCTION == default
     emb, mask, neg, neg_mask = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=True, negative_prompt="",
                                                   complex_human_instruction=default)
-    got, got_neg = teacher.encode_prompts(PROMPTS), teacher.encode_prompts([""], negative=True)  # CFG negative: no CHI
+    with pytest.warns(UserWarning, match="truncated") as record:            # PROMPTS[1] is cut: one warning
+        got = teacher.encode_prompts(PROMPTS)
+        teacher.encode_prompts(PROMPTS)
+    assert len([w for w in record if "truncated" in str(w.message)]) == 1
+    got_neg = teacher.encode_prompts([""], negative=True)                    # CFG negative: no CHI
     assert got["text"].shape == (3, 300, 32) and got_neg["text_mask"].shape == (1, 300)
     assert mask[1].all() and not mask[0].all()                   # one prompt truncated, one padded
     compare("prompt embeddings (instruction)", got["text"], emb)

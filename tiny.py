@@ -15,6 +15,9 @@ sees a (48, 8, 8) latent, 64 tokens, like SANA's 32x-downsampled DC-AE latents.
 
 Re-train the shipped teacher (3000 steps, about 30 minutes on one CPU core; the defaults are its settings):
     python tiny.py --out assets/tiny_teacher.safetensors
+Write a captioned folder of its images for data-aided SiD (train.py --data), clean or deliberately worse:
+    python tiny.py --write_data runs/data_clean --n 3000
+    python tiny.py --write_data runs/data_colour --n 3000 --corrupt colour
 """
 
 import argparse
@@ -329,8 +332,41 @@ def save_teacher(path, net, enc, step):
     os.replace(path + ".tmp", path)      # atomic: a crash never leaves a half-written teacher
 
 
+def write_folder(folder, n, seed=0, corrupt="none"):
+    """A captioned image folder of n procedural images (PNG + metadata.jsonl), the layout `train.py --data` reads;
+    corrupt="colour" rolls the RGB channels (a red circle comes out green: colours off their prompts), "blur"
+    blurs with a Gaussian of std 1 px: deliberately worse data than the teacher's samples."""
+    import numpy as np
+    from PIL import Image
+    if os.path.exists(folder):
+        raise ValueError(f"{folder} exists; pass a new folder (data folders are never overwritten)")
+    g = torch.Generator().manual_seed(seed)
+    prompts = sample_prompts(n, g)
+    images = render(prompts, g)                                            # (n, 3, 32, 32) in [-1, 1]
+    if corrupt == "colour":
+        images = images.roll(1, dims=1)
+    elif corrupt == "blur":
+        k = torch.exp(-torch.arange(-3, 4.0) ** 2 / 2)
+        k = (k[:, None] * k[None]) / k.sum() ** 2                          # (7, 7) Gaussian, std 1 px
+        images = F.conv2d(F.pad(images, (3, 3, 3, 3), mode="replicate"), k.expand(3, 1, 7, 7), groups=3)
+    elif corrupt != "none":
+        raise ValueError(f"unknown corruption {corrupt!r}; use none, colour or blur")
+    tmp = folder + ".tmp"
+    os.makedirs(tmp)
+    rows = []
+    for i, (prompt, img) in enumerate(zip(prompts, images)):
+        pixels = ((img.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        Image.fromarray(np.ascontiguousarray(pixels)).save(os.path.join(tmp, f"{i:06d}.png"))
+        rows.append(json.dumps({"file_name": f"{i:06d}.png", "text": prompt}))
+    with open(os.path.join(tmp, "metadata.jsonl"), "w") as f:
+        f.write("\n".join(rows) + "\n")
+    os.replace(tmp, folder)
+    print(f"wrote {n} images ({corrupt}) with captions to {folder}")
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="pretrain the embedded tiny teacher on the procedural shapes")
+    p = argparse.ArgumentParser(description="pretrain the embedded tiny teacher on the procedural shapes, or write "
+                                            "a captioned folder of its images for data-aided SiD (--write_data)")
     p.add_argument("--out", default="assets/tiny_teacher.safetensors", help="where to write the teacher")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--batch", type=int, default=64, help="batch size")
@@ -338,4 +374,12 @@ if __name__ == "__main__":
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: fastest on a shared 2-core machine)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    pretrain(p.parse_args())
+    p.add_argument("--write_data", default=None, help="write a captioned image folder here instead of pretraining")
+    p.add_argument("--n", type=int, default=3000, help="with --write_data: number of images")
+    p.add_argument("--corrupt", default="none", choices=["none", "colour", "blur"],
+                   help="with --write_data: make the data worse (colours off their prompts, or blurred)")
+    args = p.parse_args()
+    if args.write_data:
+        write_folder(args.write_data, args.n, args.seed, args.corrupt)
+    else:
+        pretrain(args)

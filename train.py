@@ -52,6 +52,15 @@ def get_parser():
                    "the pipeline uses 256; FLUX: 512)")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: the teacher's list)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the teacher's)")
+    # data-aided SiD (official --train_diffusiongan): the fake score doubles as a discriminator on real images
+    p.add_argument("--data", default=None, help="real images: a folder of captioned images (metadata.jsonl, or a "
+                   "same-name .txt per image) or 'tiny'; default: none (data-free SiD)")
+    p.add_argument("--lsd", type=float, default=1.0, help="with --data: discriminator loss scale")
+    p.add_argument("--lsg_gan", type=float, default=1.0, help="with --data: generator adversarial loss scale")
+    p.add_argument("--gan_g_start", type=int, default=20_000, help="with --data: generator images seen before G "
+                   "trains at all (the discriminator trains alone)")
+    p.add_argument("--gan_adv_start", type=int, default=40_000, help="with --data: generator images seen before G's "
+                   "loss becomes 0.5 L_G + 0.5 L_adv (L_G alone until then)")
     # SiD
     p.add_argument("--num_steps", type=int, default=4, help="K: generator steps; each iteration trains step k~U{1..K}")
     p.add_argument("--t_init", type=float, default=1.0, help="first generator time (official init_timestep 999/999)")
@@ -119,11 +128,14 @@ def parse_args(argv=None):
 
 
 def shard(model):
-    """FSDP2: each of the family's units (its blocks) is gathered just in time, then the root holds the rest."""
-    from torch.distributed.fsdp import fully_shard
+    """FSDP2: each of the family's units (its blocks) is gathered just in time, then the root holds the rest.
+    FSDP2 hooks only `forward`; the root's other entry points (forward_with_features) are registered too."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     for unit in model.fsdp_units():
         fully_shard(unit)
     fully_shard(model)
+    for name in model.fsdp_forward_methods:
+        register_fsdp_forward_method(model, name)
 
 
 def mean_over_ranks(x):
@@ -272,23 +284,23 @@ def main(args, teacher):
         z = torch.randn((gb, *shape), generator=g)[mine].to(device)
         eps = torch.randn((gb, *shape), generator=g)[mine].to(device)
         t = sid.sample_t(gb, args.t_law, args.t_mean, args.t_std, generator=g)[mine].to(device)
-        return encode(idx), z, eps, t
+        return encode([prompts[i] for i in idx]), z, eps, t
 
-    # Setup prompts: each distinct prompt is encoded once and kept on the CPU (the official code
-    # re-encodes every step); the empty prompt for CFG is encoded once.
+    # Setup prompts: each distinct prompt (or real caption) is encoded once and kept on the CPU (the official
+    # code re-encodes every step); the empty prompt for CFG is encoded once.
     cache = {}
 
     def on_device(v):   # features in the networks' dtype; masks keep theirs
         return v.to(device, dtype if v.is_floating_point() else v.dtype)
 
-    def encode(idx):
-        new = [i for i in dict.fromkeys(idx) if i not in cache]
+    def encode(texts):
+        new = [p for p in dict.fromkeys(texts) if p not in cache]
         if new:
             with autocast:
-                out = teacher.encode_prompts([prompts[i] for i in new])
-            for j, i in enumerate(new):
-                cache[i] = {k: v[j].cpu() for k, v in out.items()}
-        return {k: on_device(torch.stack([cache[i][k] for i in idx])) for k in cache[idx[0]]}
+                out = teacher.encode_prompts(new)
+            for j, p in enumerate(new):
+                cache[p] = {k: v[j].cpu() for k, v in out.items()}
+        return {k: on_device(torch.stack([cache[p][k] for p in texts])) for k in cache[texts[0]]}
 
     with autocast:
         empty = teacher.encode_prompts([""], negative=True)     # the CFG negative, as the pipeline encodes it
@@ -296,11 +308,23 @@ def main(args, teacher):
     grid_prompts = prompts[::max(1, len(prompts) // args.n_samples)][:args.n_samples]
     grid_z = torch.randn((len(grid_prompts), *shape), generator=torch.Generator().manual_seed(args.seed + 1))
 
+    # Setup real data (data-aided SiD only): latents encoded once by the teacher's VAE into the run folder (a KL
+    # VAE samples its posterior, seeded per rank, as the official data path); each rank reads a disjoint slice.
+    data = None
+    if args.data:
+        from data import open_data
+        vae_g = torch.Generator().manual_seed(args.seed * 1000 + rank)
+        data = open_data(args.data, teacher.vae_factor * shape[-1], lambda img: teacher.encode(img, generator=vae_g),
+                         os.path.join(args.out, "latents"), args.seed, rank, world,
+                         barrier=dist.barrier if distributed else None, cache_tag=f"{teacher.name} seed {args.seed}")
+
     step, metrics_path = 0, os.path.join(args.out, "metrics.jsonl")
     if args.resume:
         ck = load_checkpoint(ckpt_path, G, fake, opt_g, opt_f, ema)
         step = ck["step"]
         g.set_state(ck["rng"])
+        if data is not None:
+            data.load_state_dict(ck["data"])
         log(f"resumed {ckpt_path} at step {step}")
     last_good = f"{ckpt_path} (step {step})" if args.resume else "none yet"
 
@@ -319,8 +343,10 @@ def main(args, teacher):
                       scale=max(1, 128 // rows[0].shape[-1]))
 
     def checkpoint_now():
-        save_checkpoint(ckpt_path, G, fake, opt_g, opt_f, ema, dict(step=step, rng=g.get_state(), args=vars(args),
-                                                               config=config_to_dict(G.config)))
+        state = dict(step=step, rng=g.get_state(), args=vars(args), config=config_to_dict(G.config))
+        if data is not None:
+            state["data"] = data.state_dict()
+        save_checkpoint(ckpt_path, G, fake, opt_g, opt_f, ema, state)
         return f"{ckpt_path} (step {step})"
 
     n_params = sum(p.numel() for p in real.parameters()) if not distributed else "sharded"
@@ -346,15 +372,28 @@ def main(args, teacher):
         G.requires_grad_(False)
         fake.requires_grad_(True)
         opt_f.zero_grad(set_to_none=True)
-        loss_f = 0.0
+        loss_f, gan = 0.0, dict(loss_d=0.0, acc_real=0.0, acc_fake=0.0, loss_sid=0.0, loss_adv=0.0)
         for r in range(rounds):
             cond, z, eps, t = draw()
             with torch.no_grad(), autocast:
                 x_g = sid.generate(G, z, g_inputs(cond), k, args.num_steps, args.t_init, args.noise, randn=randn)
             x_t = sid.add_noise(x_g, eps, t)
             with autocast:
-                v_fake = sid.cfg_velocity(fake, x_t, t, cond, uncond, args.cfg_train_fake, embedded)
+                if data is None:
+                    v_fake = sid.cfg_velocity(fake, x_t, t, cond, uncond, args.cfg_train_fake, embedded)
+                else:   # data-aided: the same guided pass also gives the fake logits; one pass on real latents
+                    x_real, captions = data.draw(gb)
+                    v_fake, logit_fake, logit_real = sid.discriminator_pass(
+                        fake, x_g, x_real.to(device), eps, t, cond, encode(captions), uncond, args.cfg_train_fake,
+                        embedded)
             loss = sid.fake_score_loss(v_fake, x_g, eps, args.ls) / rounds
+            if data is not None:    # L_psi + L_D, one backward
+                loss_d = sid.discriminator_loss(logit_real, logit_fake, x_g[0].numel(), args.lsd) / rounds
+                loss = loss + loss_d
+                acc_real, acc_fake = sid.discriminator_accuracy(logit_real, logit_fake)
+                gan["loss_d"] += loss_d.item()
+                gan["acc_real"] += acc_real / rounds
+                gan["acc_fake"] += acc_fake / rounds
             if distributed:
                 fake.set_requires_gradient_sync(r == rounds - 1)   # reduce-scatter once per update
             loss.backward()
@@ -365,29 +404,46 @@ def main(args, teacher):
         t1 = clock()
 
         # ---- 2. Generator update: SiD loss, gradient through x_g and both nets' inputs ----
+        # data-aided: no G step before --gan_g_start images, then L_G, then 0.5 L_G + 0.5 L_adv
+        train_g, w_sid, w_adv = (sid.adversarial_schedule(step * args.batch, args.gan_g_start, args.gan_adv_start)
+                                 if data is not None else (True, 1.0, 0.0))
         fake.requires_grad_(False)
-        G.requires_grad_(True)
+        G.requires_grad_(train_g)
         opt_g.zero_grad(set_to_none=True)
         loss_g = 0.0
-        for r in range(rounds):
+        for r in range(rounds if train_g else 0):
             cond, z, eps, t = draw()
             with autocast:
                 x_g = sid.generate(G, z, g_inputs(cond), k, args.num_steps, args.t_init, args.noise, grad=True,
                                    randn=randn)
                 x_t = sid.add_noise(x_g, eps, t)
                 v_real = sid.cfg_velocity(real, x_t, t, cond, uncond, args.cfg_eval_real, embedded)
-                v_fake = sid.cfg_velocity(fake, x_t, t, cond, uncond, args.cfg_eval_fake, embedded)
+                if data is None:
+                    v_fake = sid.cfg_velocity(fake, x_t, t, cond, uncond, args.cfg_eval_fake, embedded)
+                else:   # the pass that yields f_psi also yields the logits of G's samples
+                    v_fake, logit_gen = sid.cfg_velocity_and_logits(fake, x_t, t, cond, uncond, args.cfg_eval_fake,
+                                                                    embedded)
                 x0_real, x0_fake = sid.x0_from_velocity(x_t, t, v_real), sid.x0_from_velocity(x_t, t, v_fake)
             w = sid.loss_weight(args.weighting, t, x_g, x0_real)
             loss = sid.generator_loss(x_g, x0_real, x0_fake, w, args.alpha, args.lsg) / rounds
+            if data is not None:
+                loss_adv = sid.generator_adversarial_loss(logit_gen, w, x_g[0].numel(), args.lsg_gan) / rounds
+                gan["loss_sid"] += loss.item()
+                gan["loss_adv"] += loss_adv.item()
+                loss = w_sid * loss + w_adv * loss_adv
             if distributed:
                 G.set_requires_gradient_sync(r == rounds - 1)
             loss.backward()
             loss_g += loss.item()
-        gnorm_g, loss_g = grad_norm(G), mean_over_ranks(loss_g)
-        check_finite(step + 1, "generator", loss_g, gnorm_g, last_good)
-        opt_g.step()
-        if ema is not None:     # ema <- beta ema + (1 - beta) G, shard by shard under FSDP2
+        if train_g:
+            gnorm_g, loss_g = grad_norm(G), mean_over_ranks(loss_g)
+            check_finite(step + 1, "generator", loss_g, gnorm_g, last_good)
+            opt_g.step()
+        else:
+            loss_g = gnorm_g = float("nan")                 # logged as NaN while G waits (data-aided warm-up)
+            if distributed:     # no backward re-shards G's root after the fake phase's no-grad sampling: do it here
+                G.reshard()
+        if ema is not None and train_g:     # ema <- beta ema + (1 - beta) G, shard by shard under FSDP2
             with torch.no_grad():
                 for e, p in zip(ema.parameters(), G.parameters()):
                     e.lerp_(p.to(e.dtype), 1 - ema_beta)
@@ -399,11 +455,15 @@ def main(args, teacher):
         rec = dict(step=step, k=k, loss_fake=loss_f, loss_gen=loss_g, gnorm_fake=gnorm_f, gnorm_gen=gnorm_g,
                    img_per_s=args.batch / dt, sec=dt, sec_fake=t1 - t0, sec_gen=t2 - t1,
                    peak_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+        if data is not None:    # loss_fake includes L_D; loss_gen = w_sid loss_sid (L_G) + w_adv loss_adv
+            rec.update({key: mean_over_ranks(v) for key, v in gan.items()}, w_sid=w_sid, w_adv=w_adv)
         if master:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         log(f"step {step:5d} k={k} loss_fake {loss_f:9.3f} loss_gen {loss_g:9.4f} gnorm_fake {gnorm_f:8.3f} "
-            f"gnorm_gen {gnorm_g:8.3f} {rec['img_per_s']:6.1f} img/s")
+            f"gnorm_gen {gnorm_g:8.3f} {rec['img_per_s']:6.1f} img/s" + (
+                f" | L_D {rec['loss_d']:8.3f} L_adv {rec['loss_adv']:8.3f} D acc real {rec['acc_real']:.2f} "
+                f"fake {rec['acc_fake']:.2f}" if data is not None else ""))
         bar.update(1)
         if args.sample_every and (step % args.sample_every == 0 or step == args.max_steps):
             write_samples(f"step{step:06d}")
