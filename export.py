@@ -333,14 +333,28 @@ def export(ckpt, out, teacher=None, steps=None, raw=False, single_file=False, fo
     for source in (path, folder):          # --force would delete what export reads from
         if os.path.commonpath([os.path.realpath(source), os.path.realpath(out)]) == os.path.realpath(out):
             raise ValueError(f"--out {out} holds {source}, which export reads from; pick another --out")
+    with open(os.path.join(folder, "model_index.json")) as f:
+        index = json.load(f)
+    if index.get("_class_name") not in tl.PIPELINES:
+        raise ValueError(f"{folder} holds a {index.get('_class_name')!r}; export.py writes {sorted(tl.PIPELINES)} "
+                         f"folders")
     check_teacher(cfg, folder, path)
     K = run.get("num_steps", 4)
     scheduler, sigmas = sampler(K, run.get("t_init", 1.0), run.get("noise", "fresh"), steps or K)
     transformer = diffusers_config(cfg, os.path.join(out, "transformer", "config.json"))
-    with open(os.path.join(folder, "model_index.json")) as f:
-        index = json.load(f)
-    version = {k: v for k, v in index.items() if k == "_diffusers_version"}     # the teacher's, when it states one
     state = G.state_dict()
+    layout, single = LAYOUTS[type(cfg)], None
+    if single_file:      # built and checked before anything is written
+        single = os.path.basename(out) + layout.suffix
+        original = layout.original(state, cfg, folder)
+        try:             # the file must read back as this student: the layout stores shapes, not the config
+            wrong = differences(cfg, layout.read_original(original, single, cfg), layout.not_stored)
+        except ValueError as e:
+            wrong = [str(e)]
+        if wrong:
+            raise ValueError(f"the {layout.suffix} single-file layout cannot hold this student ({'; '.join(wrong)} "
+                             f"as our loader reads it back); export without --single_file")
+    stamp = {k: v for k, v in index.items() if k == "_diffusers_version"}     # the teacher's, when it states one
     tmp = f"{out}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -350,24 +364,13 @@ def export(ckpt, out, teacher=None, steps=None, raw=False, single_file=False, fo
                 copy_component(folder, part, tmp)
         keys = tl.DIFFUSERS_TRANSFORMERS[transformer["_class_name"]][1](cfg)
         write_weights(os.path.join(tmp, "transformer"), tl.to_checkpoint(state, keys), shard_bytes)
-        write_json(os.path.join(tmp, "transformer", "config.json"), {**transformer, **version})
-        write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), {**scheduler, **version})
+        write_json(os.path.join(tmp, "transformer", "config.json"), {**transformer, **stamp})
+        write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), {**scheduler, **stamp})
         write_json(os.path.join(tmp, "model_index.json"), {
             **index, "transformer": ["diffusers", transformer["_class_name"]],
             "scheduler": ["diffusers", scheduler["_class_name"]]})
-        single = None
-        if single_file:
-            layout = LAYOUTS[type(cfg)]
-            single = os.path.basename(out) + layout.suffix
-            tensors = layout.original(state, cfg, folder)
-            try:                 # the file must read back as this student: the layout stores shapes, not configs
-                wrong = differences(cfg, layout.read_original(tensors, single, cfg), layout.not_stored)
-            except ValueError as e:
-                wrong = [str(e)]
-            if wrong:
-                raise ValueError(f"the {layout.suffix} single-file layout cannot hold this student ({'; '.join(wrong)} "
-                                 f"as our loader reads it back); export without --single_file")
-            layout.save(tensors, os.path.join(tmp, single))
+        if single:
+            layout.save(original, os.path.join(tmp, single))
         from safetensors import safe_open
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
