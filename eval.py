@@ -28,6 +28,10 @@ cocodataset_tool.py builds it):
              at its pipeline's steps and guidance, all on the same prompts and initial noise; FID to teacher is
              the FID of each student row against the (last) teacher row's images.
 
+Without --coco, on the tiny teacher: --per_prompt images of each of its 90 prompts; rows: the data, the teacher at
+1, 2, 4, 8, 32 Euler steps, the student (EMA and raw) at 1, 2, 4 steps; prompt adherence and feature FD (tiny.py).
+This is the README's "Measured" table, digit for digit what the earlier bench.py printed.
+
 Work is cut into fixed chunks of --batch images; torchrun ranks take chunks in turn and save each chunk's
 features atomically, so a killed run resumes and the numbers do not depend on the number of ranks. Rank 0
 writes the protocol card (JSON): every setting, the detector/CLIP/student/prompt hashes, and the results.
@@ -53,6 +57,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import tiny
 from data import mix_seed
 from sample import STUDENT_FILES, load_student, student_label, student_path, student_sample, teacher_label
 from teacher_loaders import load_teacher
@@ -284,7 +289,6 @@ def sampler_rows(teacher, students, steps, teacher_steps, guidance):
 def tiny_eval(args, teacher, rows):
     """The README's table: the data, then every row, on per_prompt images of each of the 90 prompts; returns the
     result rows. The noise is one draw of all images with --seed; chunk i of --batch gets seed + its start."""
-    import tiny
     prompts = [p for p in tiny.ALL_PROMPTS for _ in range(args.per_prompt)]
     n = len(prompts)
     z = torch.randn((n, *teacher.latent_shape()), generator=torch.Generator().manual_seed(args.seed))
