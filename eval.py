@@ -566,7 +566,7 @@ def get_parser():
     p.add_argument("--teacher_steps", type=int, nargs="*", default=None, help="teacher step counts, none to skip "
                    f"it (default: its pipeline's steps for COCO, {TINY_TEACHER_STEPS} for the tiny table)")
     p.add_argument("--guidance", type=float, default=None, help="teacher guidance (default: its pipeline's)")
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the run's)")
+    p.add_argument("--resolution", type=int, default=None, help="COCO: image side in pixels (default: the run's)")
     # COCO protocol
     p.add_argument("--coco", default=None, help="folder with annotations/captions_val2014.json and val2014/ "
                    "(omit: the tiny teacher's exact metrics)")
