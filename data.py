@@ -43,6 +43,7 @@ Checked by: test_adversarial.py (`python -m pytest test_adversarial.py -q`).
 import hashlib
 import json
 import os
+import sys
 import uuid
 
 import numpy as np
@@ -175,11 +176,12 @@ def latent_key(root, name, resolution, tag=""):
 
 
 class LatentCache:
-    """Latents in safetensors shards in one folder, each tensor named by its key; shards are written to a temporary
-    name and renamed, so a crash leaves whole shards only, and every rank writes its own."""
+    """Tensors in safetensors shards in one folder, each named by its key; shards are written to a temporary name and
+    renamed, so a crash leaves whole shards only, and every rank writes its own. Image latents (fill) and prompt
+    features (PromptCache) live in one."""
 
-    def __init__(self, folder):
-        self.folder = folder
+    def __init__(self, folder, prefix="latents"):
+        self.folder, self.prefix = folder, prefix
         os.makedirs(folder, exist_ok=True)
         self.rescan()
 
@@ -192,8 +194,8 @@ class LatentCache:
                     with safe_open(path, framework="pt") as s:
                         self.index.update(dict.fromkeys(s.keys(), path))
                 except Exception as e:   # e.g. a disk that filled up; shards are only ever renamed into place whole
-                    raise ValueError(f"latent cache shard {path} is unreadable ({type(e).__name__}); delete it (its "
-                                     f"images are encoded again)") from None
+                    raise ValueError(f"cache shard {path} is unreadable ({type(e).__name__}); delete it (what it held "
+                                     f"is encoded again)") from None
 
     def __contains__(self, key):
         return key in self.index
@@ -201,7 +203,8 @@ class LatentCache:
     def fill(self, todo, encode, resolution, batch=16, shard_size=256, rank=0):
         """Encode [(key, image path)] in order, `batch` images per encode call; a shard every `shard_size`."""
         pending = {}
-        with tqdm(total=len(todo), desc="encoding images", disable=rank != 0 or not todo, unit="img") as bar:
+        with tqdm(total=len(todo), desc="encoding images", disable=rank != 0 or not todo, unit="img",
+                  file=sys.stdout) as bar:
             for i in range(0, len(todo), batch):
                 chunk = todo[i:i + batch]
                 images = torch.stack([load_image(path, resolution) for _, path in chunk])   # (b, 3, R, R)
@@ -209,20 +212,21 @@ class LatentCache:
                     z = encode(images).float().cpu()                                        # (b, C, h, w)
                 pending.update({key: zi.clone() for (key, _), zi in zip(chunk, z)})
                 if len(pending) >= shard_size:
-                    self._write(pending, rank)
+                    self.write(pending, rank)
                     pending = {}
                 bar.update(len(chunk))
         if pending:
-            self._write(pending, rank)
+            self.write(pending, rank)
 
-    def _write(self, latents, rank):
-        path = os.path.join(self.folder, f"latents-r{rank}-{uuid.uuid4().hex[:12]}.safetensors")
-        save_file(latents, path + ".tmp")
+    def write(self, tensors, rank=0):
+        """One new shard holding {key: tensor}."""
+        path = os.path.join(self.folder, f"{self.prefix}-r{rank}-{uuid.uuid4().hex[:12]}.safetensors")
+        save_file(tensors, path + ".tmp")
         os.replace(path + ".tmp", path)
-        self.index.update(dict.fromkeys(latents, path))
+        self.index.update(dict.fromkeys(tensors, path))
 
     def read(self, keys):
-        """Latents (len(keys), C, h, w), reading only those tensors."""
+        """The tensors of `keys`, stacked (len(keys), ...), reading only those tensors."""
         out = [None] * len(keys)
         by_shard = {}
         for i, key in enumerate(keys):
@@ -232,6 +236,50 @@ class LatentCache:
                 for i in idx:
                     out[i] = s.get_tensor(keys[i])
         return torch.stack(out)
+
+
+class PromptCache:
+    """Prompt features encoded once per run into a folder (the run's `prompt_cache/`), then read per batch.
+
+    fill(texts, ...) encodes the texts not cached yet, rank r taking every world-th, in batches; get(texts) stacks
+    their features on the CPU ({"text": (B, L, D), "text_mask"?, "pooled"?}). So host memory stays bounded however
+    many prompts a run has (they live on disk, e.g. 1.3 MB per prompt for SD3 at 77 + 77 tokens in bf16), a resumed
+    run encodes nothing, and the text encoders can leave the GPU once the run's texts are in. A key hashes the
+    encoder tag (the teacher and its text length), whether the text is the CFG negative (SANA encodes "" differently
+    then), and the text.
+    """
+
+    def __init__(self, folder, tag):
+        self.store, self.tag = LatentCache(folder, prefix="prompts"), tag
+
+    def key(self, text, negative=False):
+        return hashlib.sha1(f"{self.tag}\0{int(negative)}\0{text}".encode()).hexdigest()
+
+    def fill(self, texts, encode, rank=0, world=1, barrier=None, batch=64, negative=False):
+        """Encode the missing texts (this rank's share) with encode(texts, negative) -> {field: (b, ...)}; returns
+        the bytes one text's features take."""
+        texts = list(dict.fromkeys(texts))
+        # each rank's share is fixed before looking at the cache, as another rank may already be writing to it
+        todo = [t for t in texts[rank::world] if f"{self.key(t, negative)}.text" not in self.store]
+        for i in tqdm(range(0, len(todo), batch), desc="encoding prompts", disable=rank != 0 or not todo,
+                      file=sys.stdout):
+            chunk = todo[i:i + batch]
+            with torch.no_grad():
+                out = encode(chunk, negative)
+            self.store.write({f"{self.key(t, negative)}.{field}": v[j].cpu().contiguous()
+                              for field, v in out.items() for j, t in enumerate(chunk)}, rank)
+        if barrier is not None:
+            barrier()
+        self.store.rescan()                              # the other ranks' shards
+        one = self.get(texts[:1], negative)
+        return sum(v.numel() * v.element_size() for v in one.values())
+
+    def get(self, texts, negative=False):
+        keys = [self.key(t, negative) for t in texts]
+        if f"{keys[0]}.text" not in self.store:
+            raise KeyError(f"prompt {texts[0][:60]!r} is not in the prompt cache {self.store.folder}; fill() it first")
+        fields = [k.split(".", 1)[1] for k in self.store.index if k.startswith(keys[0] + ".")]
+        return {field: self.store.read([f"{k}.{field}" for k in keys]) for field in sorted(fields)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,6 +343,7 @@ class FolderData:
         self.keys = [keys[name] for name, _ in self.items]
         self.fingerprint = hashlib.sha1("\0".join(k + c for k, (_, c) in zip(self.keys, self.items)).encode()).hexdigest()
         self.order, self.position = Order(len(self.items), seed), 0
+        self.captions = sorted({caption for _, caption in self.items})    # what the prompt cache must hold
 
     def __len__(self):
         return len(self.items)
@@ -316,21 +365,26 @@ class FolderData:
 
 
 class TinyData:
-    """Fresh images and prompts from the tiny teacher's world, an infinite stream seeded by (seed, position)."""
+    """Fresh images and prompts from the tiny teacher's world, an infinite stream: item n of the stream is drawn
+    from a generator seeded by (seed, n), so any split over ranks and rounds sees the same items."""
 
     def __init__(self, encode, seed=0, rank=0, world=1):
+        import tiny
         self.encode, self.seed, self.rank, self.world, self.position = encode, seed, rank, world, 0
+        self.captions = list(tiny.ALL_PROMPTS)                             # every caption the stream can draw
 
     def draw(self, global_batch):
         import tiny
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self.position))
-        prompts = tiny.sample_prompts(global_batch, g)
-        images = tiny.render(prompts, g)                                   # (global_batch, 3, 32, 32)
+        mine = rank_slice(list(range(self.position, self.position + global_batch)), self.rank, self.world)
         self.position += global_batch
-        mine = rank_slice(list(range(global_batch)), self.rank, self.world)
+        prompts, images = [], []
+        for n in mine:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, n))
+            prompts += tiny.sample_prompts(1, g)
+            images.append(tiny.render(prompts[-1:], g))                    # (1, 3, 32, 32)
         with torch.no_grad():
-            z = self.encode(images[mine[0]:mine[-1] + 1]).float().cpu()
-        return z, [prompts[i] for i in mine]
+            z = self.encode(torch.cat(images)).float().cpu()
+        return z, prompts
 
     def state_dict(self):
         return {"position": self.position}

@@ -43,6 +43,7 @@ FLUX loaders against diffusers FluxTransformer2DModel and its BFL converter (`py
 
 import json
 import math
+import mmap
 import os
 import re
 import warnings
@@ -95,6 +96,8 @@ class Teacher:
     #                                              "linspace": it passes sigmas = linspace(1, 1/N, N) (FluxPipeline)
     dynamic_mu: bool = False                     # it passes mu = calculate_shift(image tokens) to a scheduler with
     #                                              use_dynamic_shifting (SD3, FLUX pipelines; SanaPipeline does not)
+    text_encoders: list = field(default_factory=list)    # the prompt encoders' modules (train.py moves them off the
+    #                                                      GPU once the run's prompts are cached)
     train_defaults: dict = field(default_factory=dict)   # train.py flag defaults for this teacher
     default_prompts: list = field(default_factory=list)  # data-free distillation prompts
 
@@ -116,7 +119,7 @@ class Teacher:
 
 
 def load_teacher(name_or_path, device=None, text_dtype=None, variant=None, max_sequence_length=None,
-                 transformer=None):
+                 transformer=None, transformer_device=None, transformer_dtype=torch.float32):
     """A `Teacher` for 'tiny', a named teacher (TEACHER_REPOS), a local diffusers pipeline folder, or a HF repo id.
 
     device: where the frozen nets run (default: CPU for 'tiny'; this rank's GPU for real teachers when there is one).
@@ -126,6 +129,8 @@ def load_teacher(name_or_path, device=None, text_dtype=None, variant=None, max_s
     transformer: an original single file to use instead of the folder's transformer/ (SAI SD3 .safetensors, also
     taking the VAE from it when it holds `first_stage_model.*`; BFL FLUX .safetensors; NVlabs SANA .pth); the
     folder still gives the text encoders, tokenizers and scheduler.
+    transformer_device: where the transformer's weights go (default: `device`); "cpu" keeps them memory-mapped,
+    "meta" reads only its config and shapes. transformer_dtype: its dtype (None: the checkpoint's).
     """
     name = str(name_or_path)
     if name == "tiny" or name.endswith(".safetensors"):
@@ -133,7 +138,7 @@ def load_teacher(name_or_path, device=None, text_dtype=None, variant=None, max_s
             raise ValueError("transformer= / max_sequence_length= are for real teachers' pipeline folders; the tiny "
                              "teacher is one file: drop them")
         path = os.path.join(ASSETS, "tiny_teacher.safetensors") if name == "tiny" else name
-        return load_tiny_teacher(path, device or "cpu")
+        return load_tiny_teacher(path, device or "cpu", transformer_device, transformer_dtype)
     if name in TEACHER_REPOS or (not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name)):
         folder = download_pipeline(TEACHER_REPOS.get(name, name), variant)
     elif os.path.isdir(name):
@@ -150,7 +155,8 @@ def load_teacher(name_or_path, device=None, text_dtype=None, variant=None, max_s
     if pipeline not in PIPELINES:
         raise ValueError(f"{folder} holds a {pipeline!r}; supported pipelines are {sorted(PIPELINES)}")
     options = {k: v for k, v in dict(max_sequence_length=max_sequence_length, transformer=transformer).items() if v}
-    return PIPELINES[pipeline](folder, name, device, text_dtype, variant, **options)
+    return PIPELINES[pipeline](folder, name, device, text_dtype, variant, transformer_device=transformer_device,
+                               transformer_dtype=transformer_dtype, **options)
 
 
 def _default_device():
@@ -306,18 +312,46 @@ def load_weights(build, state, table, where, dropped=(), hint="use the weights' 
 
 
 
-def read_safetensors(path):
-    """(tensors, metadata) of a .safetensors file, or a one-line error naming the file and the fix."""
-    from safetensors import safe_open
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def read_safetensors(path, device="cpu"):
+    """(tensors, metadata) of a .safetensors file, or a one-line error naming the file and the fix.
+
+    device "cpu": every tensor is a zero-copy view of the file, memory-mapped copy-on-write, so the ranks of a node
+    that read one checkpoint share one copy of it in the page cache (the format is an 8-byte header length, a JSON
+    header {name: {dtype, shape, data_offsets}}, then the raw bytes; huggingface/safetensors README).
+    device "meta": shapes and dtypes from the header alone, nothing read (the ranks that only need the config).
+    Any other device: read, then moved there.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path (the tiny teacher ships as "
                                 f"assets/tiny_teacher.safetensors; re-create it with `python tiny.py`)")
     try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, (f.metadata() or {})
-    except Exception as e:  # safetensors raises several types for truncated or foreign files
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            size = os.fstat(f.fileno()).st_size
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if device != "meta" and size > 8 + n else None
+        meta = header.pop("__metadata__", None) or {}
+        tensors = {}
+        for name, info in header.items():
+            dtype, shape, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            numel = math.prod(shape)
+            if end - start != numel * dtype.itemsize or 8 + n + end > size:
+                raise ValueError(f"tensor {name} has {end - start} bytes for shape {shape}")
+            if device == "meta" or numel == 0:
+                tensors[name] = torch.empty(shape, dtype=dtype, device="meta" if device == "meta" else "cpu")
+            else:
+                tensors[name] = torch.frombuffer(mm, dtype=dtype, count=numel, offset=8 + n + start).view(shape)
+    except Exception as e:  # truncated, foreign or corrupt files fail in many ways
         raise ValueError(f"checkpoint {path} is not a readable safetensors file ({type(e).__name__}: {e}); "
                          f"re-download or re-create it") from None
+    if str(device) not in ("cpu", "meta"):
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors, meta
 
 
 WEIGHT_FILE = re.compile(r"^(?P<base>[A-Za-z_]+)(?:\.(?P<variant>\w+?))?(?:-\d+-of-\d+)?\.safetensors$")
@@ -347,8 +381,8 @@ def pick_weights(names, variant=None, where="folder"):
 
 
 def read_diffusers_weights(folder, variant=None, device="cpu"):
-    """{name: tensor} of a diffusers model folder: single file, sharded (index .json), or a precision variant."""
-    from safetensors import safe_open
+    """{name: tensor} of a diffusers model folder: single file, sharded (index .json), or a precision variant;
+    memory-mapped on "cpu", shapes only on "meta" (read_safetensors)."""
     variant, files = pick_weights(os.listdir(folder), variant, folder)
     index = [f for f in files if f.endswith(".json")]
     if index:
@@ -359,13 +393,7 @@ def read_diffusers_weights(folder, variant=None, device="cpu"):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"weight file {path} (listed in {index[0]}) is missing; re-download the folder")
-        try:
-            f = safe_open(path, framework="pt", device=str(device))   # straight to the GPU: no 8x host copies
-        except Exception as e:  # safetensors raises several types for truncated or foreign files
-            raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                             f"re-download it") from None
-        with f:
-            state.update({k: f.get_tensor(k) for k in f.keys()})
+        state.update(read_safetensors(path, device)[0])
     return state
 
 
@@ -426,7 +454,7 @@ def download_pipeline(repo_id, variant=None):
 # The embedded teacher (tiny.py)
 
 
-def load_tiny_teacher(path, device="cpu"):
+def load_tiny_teacher(path, device="cpu", transformer_device=None, transformer_dtype=torch.float32):
     import tiny
     tensors, meta = read_safetensors(path)
     if "config" not in meta:
@@ -438,7 +466,7 @@ def load_tiny_teacher(path, device="cpu"):
                        dropped=("text_encoder.",), hint=hint)
     enc = load_weights(lambda: tiny.TinyTextEncoder(cfg.caption_channels), tensors,
                        [("text_encoder.{path}", "{path}")], path, dropped=("transformer.",), hint=hint)
-    net.to(device).eval().requires_grad_(False)
+    net = net.to(transformer_device or device, transformer_dtype).eval().requires_grad_(False)
     enc.to(device).eval().requires_grad_(False)
 
     @torch.no_grad()
@@ -447,7 +475,7 @@ def load_tiny_teacher(path, device="cpu"):
         return {"text": text, "text_mask": mask}
 
     return Teacher(
-        name="tiny", transformer=net, encode_prompts=encode_prompts,
+        name="tiny", transformer=net, encode_prompts=encode_prompts, text_encoders=[enc],
         encode=lambda img, generator=None: tiny.encode_images(img), decode=tiny.decode_latents,   # exact codec
         latent_channels=cfg.in_channels, vae_factor=tiny.LATENT_FACTOR, resolution=tiny.IMAGE_SIZE,
         scheduler=dict(tiny.SCHEDULER), sample_steps=32, guidance=4.5,
@@ -456,9 +484,11 @@ def load_tiny_teacher(path, device="cpu"):
         # At this lr the raw G wanders from one iteration to the next (1-step feature FD between 0.5 and 2 at
         # steps 200-300); an EMA with a 1-kimg half-life (~31 iterations) averages that out.
         # With --data: the official 20k / 40k-image warm-up is 2% / 4% of a 1M-image run; 320 / 640 images (10 / 20
-        # of 300 iterations) keep the adversarial phase most of this short run.
+        # of 300 iterations) keep the adversarial phase most of this short run. fp32: CPUs without AVX512-BF16
+        # emulate bf16 (amp ran 7x slower than fp32 on our 2-core AMD EPYC machine).
         train_defaults=dict(batch=32, lr=1e-4, glr=1e-4, max_steps=300, sample_every=100, ckpt_every=100,
-                            grad_checkpointing=0, ema_halflife_kimg=1.0, gan_g_start=320, gan_adv_start=640),
+                            grad_checkpointing=0, ema_halflife_kimg=1.0, gan_g_start=320, gan_adv_start=640,
+                            precision="fp32"),
         default_prompts=list(tiny.ALL_PROMPTS),
     )
 
@@ -637,7 +667,10 @@ def load_transformer(path, variant=None, cross_heads=None, time_scale=None, devi
     variant: "fp16"/"bf16" weight files of a diffusers folder (default: fp32 if present, else the variant there).
     cross_heads: cross-attention heads of a SANA .pth whose width is not in CROSS_HEADS_BY_WIDTH.
     time_scale: override the checkpoint timestep per unit flow time (SANA: default 1000, 1 for "sprint" names).
-    Weights are read into the meta-built module without a random init, then cast to `dtype` (fp32 master weights).
+    Weights are read into the meta-built module without a random init, then cast to `dtype` (None: keep the
+    checkpoint's). device "cpu" keeps them memory-mapped where no dtype cast or key-table split copies them;
+    device "meta" reads the config and the shapes only (train.py's ranks other than 0, which get their shards
+    from rank 0).
     Single files: an NVlabs SANA .pth, or a .safetensors whose layout a SINGLE_FILES row recognises.
     """
     path = str(path)
@@ -653,7 +686,7 @@ def load_transformer(path, variant=None, cross_heads=None, time_scale=None, devi
         net = load_weights(lambda: build_model(cfg), read_diffusers_weights(path, variant, device), keys(cfg), path,
                            hint="use the config.json saved with these weights (or re-download them)")
     elif os.path.isfile(path) and path.endswith(".safetensors"):
-        state = read_safetensors(path)[0]
+        state = read_safetensors(path, device)[0]
         reader = next((read for detect, read in SINGLE_FILES if detect(state)), None)
         if reader is None:
             raise ValueError(f"{path} is not a transformer single file of a supported layout (first keys "
@@ -661,7 +694,7 @@ def load_transformer(path, variant=None, cross_heads=None, time_scale=None, devi
         cfg, table, dropped, hint = reader(state, path)
         net = load_weights(lambda: build_model(cfg), state, table, path, dropped, hint=hint)
     elif os.path.isfile(path) and path.endswith((".pth", ".pt")):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_pth(path, device)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else {}
         cfg = sana_config_from_original(state, path, cross_heads)
         net = load_weights(lambda: build_model(cfg), state, SANA_ORIGINAL_KEYS, path, SANA_ORIGINAL_DROPPED,
@@ -671,7 +704,18 @@ def load_transformer(path, variant=None, cross_heads=None, time_scale=None, devi
                                 f"diffusers `transformer/` folder or an original single file")
     if time_scale is not None:
         net.config.time_scale = float(time_scale)
-    return net.to(device=device, dtype=dtype)
+    return net.to(device=device, dtype=dtype) if dtype is not None else net.to(device=device)
+
+
+def read_pth(path, device="cpu"):
+    """A torch.save checkpoint's plain tensors (weights_only): shapes only for device "meta", else on the CPU,
+    memory-mapped when the file is in the zip format (torch >= 1.6); the caller moves the module."""
+    if device == "meta":
+        return torch.load(path, map_location="meta", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:          # the legacy (pre-zip) format cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -905,7 +949,7 @@ def kl_teacher_codec(vae, scaling_factor, shift_factor):
 
 
 def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None, transformer=None,
-                      max_sequence_length=None):
+                      max_sequence_length=None, transformer_device=None, transformer_dtype=torch.float32):
     """A `Teacher` from a diffusers SANA pipeline folder (model_index.json, transformer/, vae/, text_encoder/,
     tokenizer/, scheduler/): our Sana + Gemma-2 through transformers + our DC-AE (vae.py)."""
     from transformers import AutoTokenizer, Gemma2Model
@@ -920,7 +964,8 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None, 
     device = torch.device(device) if device is not None else _default_device()
     text_dtype = text_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    net = load_transformer(transformer or os.path.join(folder, "transformer"), variant=variant, device=device)
+    net = load_transformer(transformer or os.path.join(folder, "transformer"), variant=variant,
+                           device=transformer_device or device, dtype=transformer_dtype)
     net.eval().requires_grad_(False)
     vae, scaling = load_dcae(os.path.join(folder, "vae"), device=device)
     text_folder = os.path.join(folder, "text_encoder")
@@ -945,7 +990,8 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None, 
 
     factor = vae.config.spatial_factor
     return Teacher(
-        name=name, transformer=net, encode_prompts=gemma_prompt_encoder(tokenizer, encoder), encode=encode,
+        name=name, transformer=net, encode_prompts=gemma_prompt_encoder(tokenizer, encoder), text_encoders=[encoder],
+        encode=encode,
         decode=decode, latent_channels=vae.config.latent_channels, vae_factor=factor,
         resolution=cfg.sample_size * factor,                  # sample_size is the native latent side
         scheduler=read_scheduler(folder), sample_steps=20, guidance=4.5,   # SanaPipeline.__call__ defaults
@@ -1261,7 +1307,7 @@ KL_PIPELINES = {
 
 
 def load_kl_teacher(folder, name, device=None, text_dtype=None, variant=None, max_sequence_length=None,
-                    transformer=None):
+                    transformer=None, transformer_device=None, transformer_dtype=torch.float32):
     """A `Teacher` from a diffusers StableDiffusion3Pipeline or FluxPipeline folder: our MMDiT / Flux (or an
     original single file given as `transformer`), the 16-channel KL VAE, and CLIP + T5 through transformers."""
     import text_encoders
@@ -1274,7 +1320,8 @@ def load_kl_teacher(folder, name, device=None, text_dtype=None, variant=None, ma
         if not os.path.isdir(os.path.join(folder, part)):
             raise FileNotFoundError(f"{folder} has no {part}/ folder; re-download the pipeline (or pass its pieces)")
     device = torch.device(device) if device is not None else _default_device()
-    net = load_transformer(transformer or os.path.join(folder, "transformer"), variant=variant, device=device)
+    net = load_transformer(transformer or os.path.join(folder, "transformer"), variant=variant,
+                           device=transformer_device or device, dtype=transformer_dtype)
     net.eval().requires_grad_(False)
     if _holds_sai_vae(transformer):                   # an SAI single file with its VAE beside the transformer
         from vae import kl_config_from_diffusers      # the file has no VAE config: the folder's, else the preset's
@@ -1297,7 +1344,8 @@ def load_kl_teacher(folder, name, device=None, text_dtype=None, variant=None, ma
     encode, decode = kl_teacher_codec(vae, scaling, shift)
     factor = vae.config.spatial_factor
     return Teacher(
-        name=name, transformer=net, encode_prompts=prompts.encode_prompts, encode=encode, decode=decode,
+        name=name, transformer=net, encode_prompts=prompts.encode_prompts, text_encoders=prompts.encoders,
+        encode=encode, decode=decode,
         latent_channels=vae.config.latent_channels, vae_factor=factor,
         resolution=128 * factor,                      # both pipelines' default_sample_size 128: 1024 px
         scheduler=read_scheduler(folder), sample_steps=pipe["steps"], guidance=pipe["guidance"],

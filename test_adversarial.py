@@ -463,7 +463,10 @@ def test_train_data_tiny_schedule_and_exact_resume(tmp_path):
     run(["--teacher", "tiny", "--data", "tiny", "--out", a, "--max_steps", "5"] + GAN)
     run(["--teacher", "tiny", "--data", "tiny", "--out", b, "--max_steps", "3"] + GAN)
     run(["--teacher", "tiny", "--data", "tiny", "--out", b, "--max_steps", "5", "--resume"] + GAN)
+    c = str(tmp_path / "c")     # saving at every step, before G's first step too, changes nothing
+    run(["--teacher", "tiny", "--data", "tiny", "--out", c, "--max_steps", "5", "--ckpt_every", "1"] + GAN)
     ma, mb = metrics(a), metrics(b)
+    assert [(r["loss_fake"], r["loss_gen"]) for r in metrics(c)][2:] == [(r["loss_fake"], r["loss_gen"]) for r in ma][2:]
     for r in ma:
         print({k: r[k] for k in ("step", "k", "loss_fake", "loss_gen", "loss_sid", "loss_d", "loss_adv", "acc_real",
                                  "acc_fake", "w_sid", "w_adv")})

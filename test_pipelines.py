@@ -172,7 +172,7 @@ def test_train_py_distils_family(pipelines, tmp_path, case, mode):
     print(case, mode, [(r["k"], round(r["loss_fake"], 3), round(r["loss_gen"], 4)) for r in m])
     assert [r["step"] for r in m] == [1, 2]
     assert all(torch.isfinite(torch.tensor([r["loss_fake"], r["loss_gen"], r["gnorm_gen"]])).all() for r in m)
-    assert os.path.isfile(out / "samples" / "step000002.png") and os.path.isfile(out / "ckpt.pt")
+    assert os.path.isfile(out / "samples" / "step000002.png") and os.path.isfile(out / "checkpoint" / "info.json")
     from sample import load_student, student_sample
     G, args = load_student(str(out))
     assert args["embedded_guidance"] == (mode or "with_cfg")

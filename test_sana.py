@@ -345,7 +345,7 @@ def test_train_py_distils_tiny_pipeline(pipeline, tmp_path):
     r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert os.path.isfile(out / "ckpt.pt")
+    assert os.path.isfile(out / "checkpoint" / "info.json") and os.path.isfile(out / "generator.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------

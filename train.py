@@ -1,30 +1,40 @@
 """
-SiD-DiT training: distil a flow-matching teacher into a 1-K step generator, data-free (prompts only).
+SiD-DiT training: distil a flow-matching teacher into a 1-K step generator, data-free (prompts only) or data-aided.
 
     python train.py --teacher tiny                                        # CPU, ~7.5 minutes on 2 cores
     torchrun --standalone --nproc_per_node=2 train.py --teacher tiny      # same run on 2 ranks (gloo)
     torchrun --standalone --nproc_per_node=8 train.py --teacher sana      # 8 GPUs (nccl), paper settings
-    python train.py --teacher tiny --out runs/tiny --resume               # continue runs/tiny/ckpt.pt exactly
+    torchrun --standalone --nproc_per_node=8 train.py --teacher flux-dev --resolution 512 --dry_run   # memory plan
+    python train.py --teacher tiny --out runs/tiny --resume               # continue runs/tiny/checkpoint exactly
 
 One loop for every teacher. Each iteration draws one k in 1..K (the same on every rank), then
   1. fake-score update: regress the guided fake velocity onto eps - x_g for generator samples x_g;
   2. generator update:  SiD loss between the guided teacher and fake-score x0 predictions.
-Generator and fake score start as copies of the teacher; an optional fp32 EMA of the generator
-(--ema_halflife_kimg) is what the sample grids and sample.py show. With several ranks, all three nets are
-sharded with FSDP2 (`fully_shard`). Every random draw is made for the global batch from one
-seeded CPU generator and sliced per rank, so 1 rank and N ranks see the same samples and a resumed
-run continues bit-identically (test_train.py checks both).
+With --data, the fake score is also a discriminator between real latents and x_g (L_D in phase 1), and the
+generator also gets its adversarial loss (L_adv in phase 2).
 
-Flag defaults are the official SiD-DiT settings (apple/ml-sid-dit run_sid_dit.sh and README);
-a teacher may override a few of them to fit its size (`Teacher.train_defaults`: the tiny teacher
-uses a CPU-sized batch, lr and step count, and a 1-kimg EMA).
+Setup, in order, so the peak memory is the larger of two phases, never their sum: real images (--data) go
+through the VAE into a latent cache and every prompt and caption through the text encoders into a prompt cache,
+both in the run folder; the encoders then leave the GPU. Then the three networks (frozen teacher, generator G,
+fake score) are built on the meta device, sharded with FSDP2 (`fully_shard` per block) when there are several
+ranks, and filled from the teacher's checkpoint, which only rank 0 reads (memory-mapped): each rank materialises
+its own shards, and G and the fake score start as copies of the teacher without a whole copy anywhere.
+Each sample of the global batch draws its prompt, noise and time from its own generator, seeded by (seed,
+iteration, phase, index): 1 rank and N ranks, one round or several, see the same samples, and a resumed run
+continues exactly (test_train.py). Checkpoints are sharded (torch.distributed.checkpoint), written to a temporary
+folder and renamed; `generator.safetensors` (and `generator_ema.safetensors`) beside them is the student that
+sample.py, eval.py and export.py read.
+
+Flag defaults are the official SiD-DiT settings (apple/ml-sid-dit run_sid_dit.sh and README); a teacher may
+override a few of them to fit its size (`Teacher.train_defaults`: the tiny teacher uses a CPU-sized batch, lr and
+step count, a 1-kimg EMA, and a shorter data-aided warm-up).
 """
 
 import argparse
-import copy
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -34,7 +44,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import sid
-from model import config_to_dict
+from data import PromptCache, mix_seed
+from model import build_model, config_to_dict
 from sample import save_grid, save_student, student_label, student_sample
 from teacher_loaders import load_teacher, read_prompts
 
@@ -89,18 +100,30 @@ def get_parser():
     p.add_argument("--glr", type=float, default=None, help="generator lr (default as --lr)")
     p.add_argument("--adam_eps", type=float, default=None, help="Adam eps (default 1e-8 amp/fp32, 1e-4 bf16)")
     p.add_argument("--max_steps", type=int, default=4000, help="iterations (4000 x 256 ~ 1M images, official)")
-    p.add_argument("--grad_checkpointing", type=int, default=1, help="activation checkpointing on G and fake")
+    p.add_argument("--grad_checkpointing", type=int, default=1, help="activation checkpointing of every block of the "
+                   "three networks (the teacher too: the G loss backpropagates through its input)")
+    p.add_argument("--teacher_dtype", default=None, choices=["bf16", "fp32"], help="the frozen teacher's weights "
+                   "(default: those of G, fp32 in amp as official); bf16 saves 2 bytes per teacher parameter and stays "
+                   "within autocast's own error for SANA and SD3, not for FLUX, whose timestep is then rounded to bf16 "
+                   "(README)")
+    p.add_argument("--bf16_gather", type=int, default=0, help="amp under FSDP2: all-gather G's and the fake score's "
+                   "fp32 weights as bf16 and reduce gradients in fp32 (MixedPrecisionPolicy) instead of autocast "
+                   "casting them; halves the all-gather traffic")
+    p.add_argument("--cpu_offload", type=int, default=0, help="FSDP2 CPUOffloadPolicy: sharded weights, gradients "
+                   "and Adam states live in host memory, the optimizer steps on the CPU (needs torchrun)")
     p.add_argument("--ema_halflife_kimg", type=float, default=0.0,
                    help="half-life of an fp32 EMA of G, in thousands of generator samples; sample grids and "
                         "sample.py use it (0: no EMA, as the official FSDP code)")
     # run
     p.add_argument("--out", default=None, help="run folder (default runs/<teacher>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt exactly")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint exactly (any number of "
+                   "ranks)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     p.add_argument("--sample_every", type=int, default=500, help="write sample grids every N steps (0: off)")
     p.add_argument("--ckpt_every", type=int, default=500, help="write the checkpoint every N steps and at the end "
                    "(0: never, for benchmarks)")
     p.add_argument("--n_samples", type=int, default=8, help="prompts in each sample grid")
+    p.add_argument("--encode_batch", type=int, default=64, help="prompts per text-encoder call while caching them")
     p.add_argument("--dry_run", action="store_true", help="print the per-GPU memory plan of this run (parameters, "
                    "gradients, Adam, teacher, encoders, activations), whether it fits and what would make it fit; "
                    "then exit (0: fits, 1: does not)")
@@ -112,7 +135,11 @@ def parse_args(argv=None):
     """Flags, with the teacher's own defaults (Teacher.train_defaults) applied under the user's flags."""
     p = get_parser()
     pre, _ = p.parse_known_args(argv)
-    teacher = load_teacher(pre.teacher, transformer=pre.transformer, max_sequence_length=pre.max_sequence_length)
+    # Rank 0 reads the teacher's weights (memory-mapped); the other ranks read its config and shapes only and get
+    # their shards from rank 0 in main(): one host copy of the checkpoint per node, whatever the number of ranks.
+    weights = "cpu" if int(os.environ.get("RANK", "0")) == 0 else "meta"
+    teacher = load_teacher(pre.teacher, transformer=pre.transformer, max_sequence_length=pre.max_sequence_length,
+                           transformer_device=weights, transformer_dtype=None)
     p.set_defaults(**teacher.train_defaults)
     args = p.parse_args(argv)
     mode_lr, mode_eps = (1e-5, 1e-4) if args.precision == "bf16" else (1e-6, 1e-8)   # official README recipes
@@ -127,15 +154,40 @@ def parse_args(argv=None):
 # Distributed helpers
 
 
-def shard(model):
+def shard(model, **fsdp):
     """FSDP2: each of the family's units (its blocks) is gathered just in time, then the root holds the rest.
     FSDP2 hooks only `forward`; the root's other entry points (forward_with_features) are registered too."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
     for unit in model.fsdp_units():
-        fully_shard(unit)
-    fully_shard(model)
+        fully_shard(unit, **fsdp)
+    fully_shard(model, **fsdp)
     for name in model.fsdp_forward_methods:
         register_fsdp_forward_method(model, name)
+
+
+def fill(net, source, device, init_device):
+    """Materialise a meta-built network, sharded or not, from the teacher's state dict `source`: full tensors on
+    rank 0, meta placeholders of the same shapes on the other ranks. Tensor by tensor, rank 0's copy goes to
+    `device`, is scattered, and every rank keeps its shard (buffers are broadcast whole): no rank ever holds a
+    whole network. init_device is where the shards live (the CPU under --cpu_offload)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    net.to_empty(device=init_device)
+    with torch.no_grad():
+        for name, p in net.state_dict(keep_vars=True).items():
+            src = source[name]
+            full = (torch.empty(src.shape, dtype=p.dtype, device=device) if src.is_meta
+                    else src.to(device=device, dtype=p.dtype))
+            if isinstance(p, DTensor):      # scatter from rank 0 (torch.distributed.tensor.distribute_tensor)
+                p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
+            else:
+                if dist.is_initialized():
+                    dist.broadcast(full, src=0)
+                p.copy_(full)
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def mean_over_ranks(x):
@@ -158,48 +210,99 @@ def check_finite(step, name, loss, gnorm, last_good):
                                  f"saved; last good checkpoint: {last_good}; lower --lr/--glr or use --precision amp")
 
 
-def save_checkpoint(path, G, fake, opt_g, opt_f, ema, state):
-    """Full fp32 states gathered to rank 0, written to a temp name then renamed (never half-written)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    ckpt = dict(state,
-                generator=get_model_state_dict(G, options=opts), fake=get_model_state_dict(fake, options=opts),
-                opt_g=get_optimizer_state_dict(G, opt_g, options=opts),
-                opt_f=get_optimizer_state_dict(fake, opt_f, options=opts))
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: sharded (torch.distributed.checkpoint), renamed into place; student files beside them
+
+
+def init_adam(opt):
+    """Adam's state as torch.optim.Adam creates it at its first step (step 0, zero moments), created now. Otherwise
+    the checkpoint API (torch.distributed.checkpoint.state_dict) creates it with a zero-gradient step(), which leaves
+    step = 1 and changes the next real update's bias correction: a save before G's first step (data-aided warm-up)
+    would change the run."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
+def train_state(G, fake, opt_g, opt_f, ema):
+    """Every rank's shards of what a resume needs: both networks, both Adam states, the EMA."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    state = {"generator": get_model_state_dict(G), "fake": get_model_state_dict(fake),
+             "opt_g": get_optimizer_state_dict(G, opt_g), "opt_f": get_optimizer_state_dict(fake, opt_f)}
     if ema is not None:
-        ckpt["ema"] = get_model_state_dict(ema, options=opts)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        ckpt["generator"] = {k: v.float() for k, v in ckpt["generator"].items()}   # sample.py/eval use fp32
-        torch.save(ckpt, path + ".tmp")
-        os.replace(path + ".tmp", path)
-        # the student files sample.py, eval.py and export.py read: weights + config, no optimizer state
-        folder, config = os.path.dirname(path), G.config
-        save_student(os.path.join(folder, "generator.safetensors"), ckpt["generator"], config, state["args"],
-                     state["step"])
-        if ema is not None:
-            save_student(os.path.join(folder, "generator_ema.safetensors"), ckpt["ema"], config, state["args"],
-                         state["step"], weights="ema")
-    if dist.is_initialized():
-        dist.barrier()
+        state["ema"] = get_model_state_dict(ema)
+    return state
 
 
-def load_checkpoint(path, G, fake, opt_g, opt_f, ema):
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
+def save_checkpoint(folder, G, fake, opt_g, opt_f, ema, info):
+    """Each rank writes its shards into <folder>.tmp; rank 0 adds info.json (step, args, config, data position) and
+    renames it to <folder>, the previous one moved to <folder>.old until then: a kill at any moment leaves a
+    loadable checkpoint (find_checkpoint). Then the consolidated fp32 student files, gathered on rank 0."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    master = not dist.is_initialized() or dist.get_rank() == 0
+    tmp, old = folder + ".tmp", folder + ".old"
+    if master and os.path.exists(tmp):
+        shutil.rmtree(tmp)                             # what a killed save left
+    barrier()
+    dcp.save(train_state(G, fake, opt_g, opt_f, ema), checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    barrier()
+    if master:
+        with open(os.path.join(tmp, "info.json"), "w") as f:
+            json.dump(info, f)
+        if os.path.exists(folder):
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    # the student files sample.py, eval.py and export.py read: weights + config, no optimizer state
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    students = [("generator.safetensors", get_model_state_dict(G, options=opts), "generator")]
+    if ema is not None:
+        students.append(("generator_ema.safetensors", get_model_state_dict(ema, options=opts), "ema"))
+    if master:
+        run = os.path.dirname(folder)
+        for name, weights, kind in students:
+            save_student(os.path.join(run, name), weights, G.config, info["args"], info["step"], weights=kind)
+    barrier()
+
+
+def find_checkpoint(folder):
+    """The last good checkpoint: <folder>, or <folder>.old when a save was killed between its two renames."""
+    for path in (folder, folder + ".old"):
+        if os.path.isfile(os.path.join(path, "info.json")):
+            return path
+    return None
+
+
+def resume_error(folder, e):
+    return ValueError(f"cannot resume from {folder}: {type(e).__name__}: {' '.join(str(e).split())[:200]}; it is "
+                      f"corrupt or from another teacher/config; pick another --out or drop --resume")
+
+
+def read_info(folder):
+    """A checkpoint's info.json (step, args, config, data position), read before anything is built."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(G, ckpt["generator"], options=opts)
-        set_model_state_dict(fake, ckpt["fake"], options=opts)
-        set_optimizer_state_dict(G, opt_g, ckpt["opt_g"], options=opts)
-        set_optimizer_state_dict(fake, opt_f, ckpt["opt_f"], options=opts)
+        with open(os.path.join(folder, "info.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise resume_error(folder, e) from None
+
+
+def load_checkpoint(folder, G, fake, opt_g, opt_f, ema):
+    """Restore the shards of a checkpoint written on any number of ranks (DCP reshards them)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    try:
+        state = train_state(G, fake, opt_g, opt_f, ema)
+        dcp.load(state, checkpoint_id=folder, no_dist=not dist.is_initialized())
+        set_model_state_dict(G, state["generator"])
+        set_model_state_dict(fake, state["fake"])
+        set_optimizer_state_dict(G, opt_g, state["opt_g"])
+        set_optimizer_state_dict(fake, opt_f, state["opt_f"])
         if ema is not None:
-            set_model_state_dict(ema, ckpt["ema"], options=opts)
+            set_model_state_dict(ema, state["ema"])
     except Exception as e:
-        raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {str(e)[:200]}; it is corrupt or "
-                         f"from another teacher/config; pick another --out or drop --resume") from None
-    return ckpt
+        raise resume_error(folder, e) from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,8 +328,13 @@ def main(args, teacher):
         raise ValueError(f"--batch {args.batch} is not divisible by {world} ranks x --micro_batch {micro}; "
                          f"use a multiple of {world * micro}")
     rounds = args.batch // (world * micro)          # gradient-accumulation rounds per update
-    gb = world * micro                              # global samples drawn per round
+    gb = world * micro                              # global samples per round
     shape = teacher.latent_shape(args.resolution)   # (C, h, w); errors name a valid resolution
+    if (args.cpu_offload or args.bf16_gather) and not distributed:
+        raise ValueError("--cpu_offload / --bf16_gather are FSDP2 options: launch with torchrun (--nproc_per_node=1 "
+                         "works too)")
+    if args.bf16_gather and args.precision != "amp":
+        raise ValueError("--bf16_gather replaces amp's autocast of fp32 weights; use it with --precision amp")
     if args.dry_run:                                 # the memory plan, before anything is built or written
         from bench import preflight
         report, fits = preflight(args, teacher, world, micro)
@@ -237,33 +345,96 @@ def main(args, teacher):
     prompts = read_prompts(args.prompts) if args.prompts else teacher.default_prompts
     if not prompts:
         raise ValueError("this teacher ships no prompt list; pass --prompts FILE")
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
-    if args.resume and not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"--resume: {ckpt_path} does not exist; start without --resume or fix --out")
-    if not args.resume and os.path.exists(ckpt_path):
-        raise ValueError(f"{ckpt_path} exists; pass --resume to continue it or choose another --out "
+    ckpt_dir = os.path.join(args.out, "checkpoint")
+    found = find_checkpoint(ckpt_dir)
+    if args.resume and found is None:
+        raise FileNotFoundError(f"--resume: {ckpt_dir} holds no checkpoint; start without --resume or fix --out")
+    if not args.resume and found is not None:
+        raise ValueError(f"{found} exists; pass --resume to continue it or choose another --out "
                          f"(a run never overwrites another run's checkpoint)")
+    info = read_info(found) if args.resume else None
     if master:
         os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
-
-    # Setup the three networks: frozen teacher, generator G and fake score, both copies of the teacher.
+    barrier()
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    real = teacher.transformer.to(device, dtype).eval().requires_grad_(False)
-    G = copy.deepcopy(real).train().requires_grad_(True)
-    fake = copy.deepcopy(real).train().requires_grad_(True)
-    # the teacher too: the generator loss backpropagates through its input, so its activations are kept
-    for net in (real, G, fake):
-        net.gradient_checkpointing = bool(args.grad_checkpointing)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "amp" else nullcontext())
+
+    # Setup real data (data-aided SiD only): latents encoded once by the teacher's VAE into the run folder (a KL
+    # VAE samples its posterior, seeded per rank, as the official data path); each rank reads a disjoint slice.
+    data = None
+    if args.data:
+        from data import open_data
+        vae_g = torch.Generator().manual_seed(mix_seed(args.seed, rank))
+        data = open_data(args.data, teacher.vae_factor * shape[-1], lambda img: teacher.encode(img, generator=vae_g),
+                         os.path.join(args.out, "latents"), args.seed, rank, world, barrier=barrier,
+                         cache_tag=f"{teacher.name} seed {args.seed}")
+
+    # Setup prompts: every text the run encodes (its prompts, the real captions, the CFG negative "") goes once
+    # through the teacher's text encoders into <out>/prompt_cache, each rank its share; batches read it back.
+    # The official code re-encodes every step with the encoders resident; here they leave the GPU after this.
+    cache = PromptCache(os.path.join(args.out, "prompt_cache"), tag=json.dumps([str(args.teacher),
+                                                                                args.max_sequence_length]))
+
+    def encode_texts(texts, negative):
+        with autocast:
+            return teacher.encode_prompts(texts, negative=negative)
+
+    texts = prompts + (data.captions if data is not None else [])
+    nbytes = cache.fill(texts, encode_texts, rank, world, barrier, args.encode_batch)
+    cache.fill([""], encode_texts, rank, world, barrier, negative=True)      # the CFG negative, as its pipeline
+    for module in teacher.text_encoders:
+        module.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    def on_device(v):   # features in the networks' dtype; masks keep theirs
+        return v.to(device, dtype if v.is_floating_point() else v.dtype)
+
+    def encode(texts):
+        return {k: on_device(v) for k, v in cache.get(texts).items()}
+
+    uncond = {k: on_device(v.expand(micro, *v.shape[1:])) for k, v in cache.get([""], negative=True).items()}
+
+    # Setup the three networks: built on the meta device (no memory, no random init), sharded, then filled from
+    # the teacher's checkpoint, which rank 0 alone holds; G and the fake score start as copies of the teacher.
+    cfg = teacher.transformer.config
+    teacher_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: dtype}[args.teacher_dtype]
+
+    def build(net_dtype):
+        with torch.device("meta"):
+            return build_model(cfg).to(net_dtype)
+
+    real, G, fake = build(teacher_dtype), build(dtype), build(dtype)
     # EMA of G, for sampling only. fp32 even in pure bf16: a bf16 EMA cannot move by less than 1/256 per step.
-    ema = copy.deepcopy(G).float().eval().requires_grad_(False) if args.ema_halflife_kimg > 0 else None
+    ema = build(torch.float32) if args.ema_halflife_kimg > 0 else None
     ema_beta = 0.5 ** (args.batch / (1000 * args.ema_halflife_kimg)) if ema is not None else None
+    nets = [real, G, fake] + ([ema] if ema is not None else [])
+    for net in (real, G, fake):   # the teacher too: the G loss backpropagates through its input
+        net.gradient_checkpointing = bool(args.grad_checkpointing)
+    init_device = torch.device("cpu") if args.cpu_offload else device
     if distributed:
-        for net in (real, G, fake) + ((ema,) if ema is not None else ()):
-            shard(net)
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+        fsdp = dict(offload_policy=CPUOffloadPolicy()) if args.cpu_offload else {}
+        for net in nets:
+            bf16_gather = args.bf16_gather and net in (G, fake)
+            shard(net, **fsdp, **(dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                                      reduce_dtype=torch.float32))
+                                   if bf16_gather else {}))
+    source = teacher.transformer.state_dict()       # rank 0: the checkpoint (memory-mapped); others: shapes only
+    for net in nets:
+        fill(net, source, device, init_device)
+    del source
+    teacher.transformer.to("meta")                  # the host copy is no longer needed
+    real.eval().requires_grad_(False)
+    G.train().requires_grad_(True)
+    fake.train().requires_grad_(True)
+    if ema is not None:
+        ema.eval().requires_grad_(False)
     adam = dict(betas=(0.0, 0.999), eps=args.adam_eps)   # official: no first-moment momentum
     opt_g = torch.optim.Adam(G.parameters(), lr=args.glr, **adam)
     opt_f = torch.optim.Adam(fake.parameters(), lr=args.lr, **adam)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "amp" else nullcontext())
+    init_adam(opt_g)
+    init_adam(opt_f)
     # guidance: true CFG for every teacher; one that embeds the scale (FLUX.1-dev) also gets it as an input
     # (--embedded_guidance), and then so does G, fed 1.0. The teacher states the capability; no family is named.
     embedded = args.embedded_guidance if teacher.embeds_guidance else None
@@ -271,71 +442,45 @@ def main(args, teacher):
     def g_inputs(cond):
         return sid.generator_inputs(cond, teacher.embeds_guidance)
 
-    # Setup randomness: one CPU generator, same seed on every rank; each draw covers the global
-    # round and every rank keeps its slice.
-    g = torch.Generator().manual_seed(args.seed)
-    mine = slice(rank * micro, (rank + 1) * micro)
+    # Setup randomness: sample n of an iteration's global batch (n = round * world * micro + rank * micro + j)
+    # draws its prompt, z, eps, t and fresh step noise from its own generator, seeded by (seed, step, phase, n).
+    def draw(step, phase, r):
+        gens = [torch.Generator().manual_seed(mix_seed(args.seed, step, phase, r * gb + rank * micro + j))
+                for j in range(micro)]
+        idx = [int(torch.randint(len(prompts), (1,), generator=gen)) for gen in gens]
+        z = torch.stack([torch.randn(shape, generator=gen) for gen in gens]).to(device)
+        eps = torch.stack([torch.randn(shape, generator=gen) for gen in gens]).to(device)
+        t = torch.cat([sid.sample_t(1, args.t_law, args.t_mean, args.t_std, generator=gen) for gen in gens])
 
-    def randn(like):
-        return torch.randn((gb, *like.shape[1:]), generator=g)[mine].to(like)
+        def randn(like):   # the 'fresh' noise of generator steps 2..k, from the same generators
+            return torch.stack([torch.randn(like.shape[1:], generator=gen) for gen in gens]).to(like)
 
-    def draw():
-        idx = torch.randint(len(prompts), (gb,), generator=g)[mine].tolist()
-        z = torch.randn((gb, *shape), generator=g)[mine].to(device)
-        eps = torch.randn((gb, *shape), generator=g)[mine].to(device)
-        t = sid.sample_t(gb, args.t_law, args.t_mean, args.t_std, generator=g)[mine].to(device)
-        return encode([prompts[i] for i in idx]), z, eps, t
+        return encode([prompts[i] for i in idx]), z, eps, t.to(device), randn
 
-    # Setup prompts: each distinct prompt (or real caption) is encoded once and kept on the CPU (the official
-    # code re-encodes every step); the empty prompt for CFG is encoded once.
-    cache = {}
-
-    def on_device(v):   # features in the networks' dtype; masks keep theirs
-        return v.to(device, dtype if v.is_floating_point() else v.dtype)
-
-    def encode(texts):
-        new = [p for p in dict.fromkeys(texts) if p not in cache]
-        if new:
-            with autocast:
-                out = teacher.encode_prompts(new)
-            for j, p in enumerate(new):
-                cache[p] = {k: v[j].cpu() for k, v in out.items()}
-        return {k: on_device(torch.stack([cache[p][k] for p in texts])) for k in cache[texts[0]]}
-
-    with autocast:
-        empty = teacher.encode_prompts([""], negative=True)     # the CFG negative, as the pipeline encodes it
-    uncond = {k: on_device(v.expand(micro, *v.shape[1:])) for k, v in empty.items()}
     grid_prompts = prompts[::max(1, len(prompts) // args.n_samples)][:args.n_samples]
     grid_z = torch.randn((len(grid_prompts), *shape), generator=torch.Generator().manual_seed(args.seed + 1))
 
-    # Setup real data (data-aided SiD only): latents encoded once by the teacher's VAE into the run folder (a KL
-    # VAE samples its posterior, seeded per rank, as the official data path); each rank reads a disjoint slice.
-    data = None
-    if args.data:
-        from data import open_data
-        vae_g = torch.Generator().manual_seed(args.seed * 1000 + rank)
-        data = open_data(args.data, teacher.vae_factor * shape[-1], lambda img: teacher.encode(img, generator=vae_g),
-                         os.path.join(args.out, "latents"), args.seed, rank, world,
-                         barrier=dist.barrier if distributed else None, cache_tag=f"{teacher.name} seed {args.seed}")
-
     step, metrics_path = 0, os.path.join(args.out, "metrics.jsonl")
     if args.resume:
-        ck = load_checkpoint(ckpt_path, G, fake, opt_g, opt_f, ema)
-        step = ck["step"]
-        g.set_state(ck["rng"])
+        load_checkpoint(found, G, fake, opt_g, opt_f, ema)
+        step = info["step"]
+        if master and os.path.isfile(metrics_path):     # drop what a killed run logged after its last checkpoint
+            with open(metrics_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= step]
+            with open(metrics_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(metrics_path + ".tmp", metrics_path)
         if data is not None:
-            data.load_state_dict(ck["data"])
-        log(f"resumed {ckpt_path} at step {step}")
-    last_good = f"{ckpt_path} (step {step})" if args.resume else "none yet"
+            data.load_state_dict(info["data"])
+        log(f"resumed {found} at step {step}")
+    last_good = f"{ckpt_dir} (step {step})" if args.resume else "none yet"
 
     def write_samples(tag):
-        cond = {k: v.to(device) for k, v in teacher.encode_prompts(grid_prompts).items()}
-        z = grid_z.to(device)
         net = ema if ema is not None else G.eval()
         steps = sorted({1, args.num_steps})
         with autocast:
-            rows = [teacher.decode(student_sample(net, z, cond, k, args.num_steps, args.t_init, args.noise, args.seed))
-                    for k in steps]
+            rows = [teacher.decode(student_sample(net, grid_z.to(device), encode(grid_prompts), k, args.num_steps,
+                                                  args.t_init, args.noise, args.seed)) for k in steps]
         G.train()
         if master:
             labels = [student_label(k, "student (EMA)" if ema is not None else "student") for k in steps]
@@ -343,30 +488,32 @@ def main(args, teacher):
                       scale=max(1, 128 // rows[0].shape[-1]))
 
     def checkpoint_now():
-        state = dict(step=step, rng=g.get_state(), args=vars(args), config=config_to_dict(G.config))
+        meta = dict(step=step, args=vars(args), config=config_to_dict(G.config))
         if data is not None:
-            state["data"] = data.state_dict()
-        save_checkpoint(ckpt_path, G, fake, opt_g, opt_f, ema, state)
-        return f"{ckpt_path} (step {step})"
+            meta["data"] = data.state_dict()
+        save_checkpoint(ckpt_dir, G, fake, opt_g, opt_f, ema, meta)
+        return f"{ckpt_dir} (step {step})"
 
-    n_params = sum(p.numel() for p in real.parameters()) if not distributed else "sharded"
-    log(f"SiD-DiT: teacher {args.teacher} ({n_params} params), latent {tuple(shape)}, {len(prompts)} prompts, "
-        f"{world} rank(s) x {rounds} round(s) x {micro} = batch {args.batch}, {args.precision}, device {device}"
-        + (f", embedded guidance {embedded}" if embedded else ""))
+    log(f"SiD-DiT: teacher {args.teacher} ({sum(p.numel() for p in real.parameters()) / 1e6:.1f} M params, "
+        f"{str(teacher_dtype)[6:]}), latent {tuple(shape)}, {len(prompts)} prompts ({nbytes / 2**20:.2f} MB each in "
+        f"the prompt cache), {world} rank(s) x {rounds} round(s) x {micro} = batch {args.batch}, {args.precision}, "
+        f"device {device}" + (f", embedded guidance {embedded}" if embedded else ""))
     if master:
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-    bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, file=sys.stdout)
+
     def clock():   # wall time after the device's queued work: per-phase times and the benchmark (bench.py)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
+    bar = tqdm(total=args.max_steps, initial=step, disable=not master, dynamic_ncols=True, file=sys.stdout)
     while step < args.max_steps:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = clock()
-        k = int(torch.randint(1, args.num_steps + 1, (1,), generator=g))   # same k on every rank and phase
+        k = 1 + int(torch.randint(args.num_steps, (1,), generator=torch.Generator().manual_seed(
+            mix_seed(args.seed, step, 2))))                                # same k on every rank and phase
 
         # ---- 1. Fake-score update: flow matching on generator samples (G frozen) ----
         G.requires_grad_(False)
@@ -374,7 +521,7 @@ def main(args, teacher):
         opt_f.zero_grad(set_to_none=True)
         loss_f, gan = 0.0, dict(loss_d=0.0, acc_real=0.0, acc_fake=0.0, loss_sid=0.0, loss_adv=0.0)
         for r in range(rounds):
-            cond, z, eps, t = draw()
+            cond, z, eps, t, randn = draw(step, 0, r)
             with torch.no_grad(), autocast:
                 x_g = sid.generate(G, z, g_inputs(cond), k, args.num_steps, args.t_init, args.noise, randn=randn)
             x_t = sid.add_noise(x_g, eps, t)
@@ -412,7 +559,7 @@ def main(args, teacher):
         opt_g.zero_grad(set_to_none=True)
         loss_g = 0.0
         for r in range(rounds if train_g else 0):
-            cond, z, eps, t = draw()
+            cond, z, eps, t, randn = draw(step, 1, r)
             with autocast:
                 x_g = sid.generate(G, z, g_inputs(cond), k, args.num_steps, args.t_init, args.noise, grad=True,
                                    randn=randn)
@@ -439,14 +586,14 @@ def main(args, teacher):
             gnorm_g, loss_g = grad_norm(G), mean_over_ranks(loss_g)
             check_finite(step + 1, "generator", loss_g, gnorm_g, last_good)
             opt_g.step()
+            if ema is not None:     # ema <- beta ema + (1 - beta) G, shard by shard under FSDP2
+                with torch.no_grad():
+                    for e, p in zip(ema.parameters(), G.parameters()):
+                        e.lerp_(p.to(e.dtype), 1 - ema_beta)
         else:
             loss_g = gnorm_g = float("nan")                 # logged as NaN while G waits (data-aided warm-up)
             if distributed:     # no backward re-shards G's root after the fake phase's no-grad sampling: do it here
                 G.reshard()
-        if ema is not None and train_g:     # ema <- beta ema + (1 - beta) G, shard by shard under FSDP2
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), G.parameters()):
-                    e.lerp_(p.to(e.dtype), 1 - ema_beta)
         step += 1
         t2 = clock()
 
