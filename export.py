@@ -195,8 +195,8 @@ def teacher_folder(name):
 
 def check_teacher(cfg, folder, ckpt):
     """The student must be a copy of the folder's transformer (same family and config): one line naming both."""
-    where, d = tl.read_model_config(os.path.join(folder, "transformer"), "", f"--teacher a pipeline folder with a "
-                                                                               f"transformer/config.json")
+    where, d = tl.read_model_config(os.path.join(folder, "transformer"), "", "--teacher a pipeline folder with a "
+                                                                               "transformer/config.json")
     kind = d.get("_class_name")
     if kind not in tl.DIFFUSERS_TRANSFORMERS:
         raise ValueError(f"{where} holds a {kind!r}, not a supported transformer; pass --teacher the pipeline folder "

@@ -25,12 +25,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import model
 import teacher_loaders as tl
 from model import FLUX_CONFIGS, Flux, build_model, config_from_dict, config_to_dict
-from test_sana import compare, one_line_error, randomise
+from test_sana import compare, one_line_error, randomise, rewrite
 
 # architectures.md §7.2 with an odd head count: packed in_channels 16 = 4 latent channels x 2x2
 TINY = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
@@ -238,20 +238,6 @@ def test_fsdp_units_and_checkpointing(refs):
 
 # ----------------------------------------------------------------------------------------------
 # Bad input: one-line errors naming the problem and the fix
-
-
-def rewrite(src, dst, config=None, edit=None):
-    """Copy a diffusers transformer folder, optionally editing its config dict or its state dict."""
-    os.makedirs(dst, exist_ok=True)
-    with open(os.path.join(src, "config.json")) as f:
-        cfg = json.load(f)
-    with open(os.path.join(dst, "config.json"), "w") as f:
-        json.dump({**cfg, **(config or {})}, f)
-    state = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
-    if edit:
-        edit(state)
-    save_file(state, os.path.join(dst, "diffusion_pytorch_model.safetensors"))
-    return dst
 
 
 def test_bad_inputs(refs, tmp_path, monkeypatch):
