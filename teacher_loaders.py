@@ -98,6 +98,8 @@ class Teacher:
     #                                              use_dynamic_shifting (SD3, FLUX pipelines; SanaPipeline does not)
     text_encoders: list = field(default_factory=list)    # the prompt encoders' modules (train.py moves them off the
     #                                                      GPU once the run's prompts are cached)
+    vae: torch.nn.Module | None = None                   # the latent codec's module (stays on the GPU: sample grids,
+    #                                                      --data); None for the tiny teacher's exact pixel codec
     train_defaults: dict = field(default_factory=dict)   # train.py flag defaults for this teacher
     default_prompts: list = field(default_factory=list)  # data-free distillation prompts
 
@@ -991,7 +993,7 @@ def load_sana_teacher(folder, name, device=None, text_dtype=None, variant=None, 
     factor = vae.config.spatial_factor
     return Teacher(
         name=name, transformer=net, encode_prompts=gemma_prompt_encoder(tokenizer, encoder), text_encoders=[encoder],
-        encode=encode,
+        encode=encode, vae=vae,
         decode=decode, latent_channels=vae.config.latent_channels, vae_factor=factor,
         resolution=cfg.sample_size * factor,                  # sample_size is the native latent side
         scheduler=read_scheduler(folder), sample_steps=20, guidance=4.5,   # SanaPipeline.__call__ defaults
@@ -1345,7 +1347,7 @@ def load_kl_teacher(folder, name, device=None, text_dtype=None, variant=None, ma
     factor = vae.config.spatial_factor
     return Teacher(
         name=name, transformer=net, encode_prompts=prompts.encode_prompts, text_encoders=prompts.encoders,
-        encode=encode, decode=decode,
+        encode=encode, decode=decode, vae=vae,
         latent_channels=vae.config.latent_channels, vae_factor=factor,
         resolution=128 * factor,                      # both pipelines' default_sample_size 128: 1024 px
         scheduler=read_scheduler(folder), sample_steps=pipe["steps"], guidance=pipe["guidance"],

@@ -140,6 +140,12 @@ def parse_args(argv=None):
     weights = "cpu" if int(os.environ.get("RANK", "0")) == 0 else "meta"
     teacher = load_teacher(pre.teacher, transformer=pre.transformer, max_sequence_length=pre.max_sequence_length,
                            transformer_device=weights, transformer_dtype=None)
+    return args_for(teacher, argv), teacher
+
+
+def args_for(teacher, argv=None):
+    """The flags for `teacher`: its train_defaults under the user's flags, then the precision's lr and eps."""
+    p = get_parser()
     p.set_defaults(**teacher.train_defaults)
     args = p.parse_args(argv)
     mode_lr, mode_eps = (1e-5, 1e-4) if args.precision == "bf16" else (1e-6, 1e-8)   # official README recipes
@@ -147,7 +153,7 @@ def parse_args(argv=None):
     args.glr = args.glr if args.glr is not None else args.lr
     args.adam_eps = args.adam_eps if args.adam_eps is not None else mode_eps
     args.out = args.out or os.path.join("runs", os.path.basename(str(args.teacher).rstrip("/")))
-    return args, teacher
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
