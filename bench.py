@@ -1,9 +1,9 @@
 """
 Speed and memory of SiD-DiT training at full size with random weights, and the memory plan of `train.py --dry_run`.
 
-    python bench.py --preset SD3.5-Medium --resolution 512 --micro_batch 4           # GPU: one model, ours
-    python bench.py --preset SD3.5-Medium --resolution 512 --micro_batch 4 --modules both   # + diffusers' classes
-    python bench.py --preset sd3-small --resolution 256 --micro_batch 2 --modules both  # CPU: a small config
+    python bench.py --preset sd3.5-medium --resolution 512 --micro_batch 4           # GPU: one model, ours
+    python bench.py --preset sd3.5-medium --resolution 512 --micro_batch 4 --modules both   # + diffusers' classes
+    python bench.py --preset sd3-small --resolution 256 --micro_batch 2 --modules both --repeats 3   # CPU
     python bench.py --plan --gpus 8                                                  # dry-run arithmetic, every preset
     python bench.py --flops 512 1024                                                 # model FLOPs, every preset
 
@@ -12,9 +12,9 @@ encoders (each prompt gets fixed random features of its family's shapes: TEXT_IN
 --steps iterations after --warmup ones and prints, per iteration: the fake-score and generator phase times,
 images/s, the model FLOPs (FlopCounterMode on one sample of each network pass, times the passes the loop makes:
 `iteration_flops`), achieved TFLOP/s and MFU against the GPU's peak, and peak memory (CUDA max_memory_allocated;
-on the CPU, the peak of live tensor bytes, LiveBytes). `--modules diffusers` runs the same loop with diffusers'
+on the CPU, with --cpu_memory, the peak of live tensor bytes, LiveBytes). `--modules diffusers` runs the same loop with diffusers'
 transformer classes in place of ours (DiffusersNet, same conventions; diffusers is a benchmark-only import here,
-as in the tests), and `both` prints the ratio.
+as in the tests), and `both` alternates the two (--repeats times; the median run is shown) and prints the ratio.
 
 `preflight` is train.py's --dry_run: the per-GPU memory of a run from arithmetic on the sharded parameters,
 gradients and Adam states, plus activations measured by running this loop on reduced-depth copies (1 and 2 blocks)
