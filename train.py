@@ -1,7 +1,7 @@
 """
 SiD-DiT training: distil a flow-matching teacher into a 1-K step generator, data-free (prompts only) or data-aided.
 
-    python train.py --teacher tiny                                        # CPU, ~7.5 minutes on 2 cores
+    python train.py --teacher tiny                                        # CPU, ~7 minutes on 2 cores
     torchrun --standalone --nproc_per_node=2 train.py --teacher tiny      # same run on 2 ranks (gloo)
     torchrun --standalone --nproc_per_node=8 train.py --teacher sana      # 8 GPUs (nccl), paper settings
     torchrun --standalone --nproc_per_node=8 train.py --teacher flux-dev --resolution 512 --dry_run   # memory plan
