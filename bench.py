@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_leaves
 
 import train
 from model import FLUX_CONFIGS, SANA_CONFIGS, SD3_CONFIGS, FluxConfig, SanaConfig, SD3Config, build_model, \
-    config_from_dict, config_to_dict
+    config_from_dict, config_to_dict, patchify, unpatchify
 from teacher_loaders import Teacher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -103,10 +103,6 @@ def reduced(cfg, m):
     return out
 
 
-def depth_units(cfg):
-    return cfg.depth
-
-
 # ----------------------------------------------------------------------------------------------
 # diffusers' transformer classes behind our module contract (benchmark only)
 
@@ -144,13 +140,13 @@ class DiffusersNet(torch.nn.Module):
             return self.inner(x, text, pooled, t * cfg.time_scale, return_dict=False)[0]
         # FluxPipeline: pack 2x2 patches (channel-major per token), ids (0, row, col); the model scales t, g by 1000
         B, C, H, W = x.shape
-        packed = x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, H * W // 4, C * 4)
+        packed = patchify(x, 2)                                                    # (B, N, 4C)
         ids = torch.zeros(H // 2, W // 2, 3, device=x.device, dtype=x.dtype)
         ids[..., 1] = torch.arange(H // 2, device=x.device)[:, None]
         ids[..., 2] = torch.arange(W // 2, device=x.device)[None, :]
         out = self.inner(packed, text, pooled, t, ids.reshape(-1, 3), text.new_zeros(text.shape[1], 3),
                          guidance=guidance, return_dict=False)[0]                  # (B, N, 4C)
-        return out.view(B, H // 2, W // 2, C, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        return unpatchify(out, H // 2, W // 2, 2, "cpq")
 
 
 def build(cfg, modules="ours"):
@@ -161,18 +157,20 @@ def build(cfg, modules="ours"):
 # A teacher of random weights
 
 
-def random_teacher(cfg, modules="ours", features=None, vae_factor=None, seed=0, n_prompts=16):
+def random_teacher(cfg, modules="ours", features=None, vae_factor=None, seed=0, n_prompts=16, weights=True):
     """A Teacher whose transformer (ours or diffusers') has random weights N(0, 0.02^2), made on the CPU (the
-    source train.py fills its sharded networks from), and whose prompts map to fixed random features."""
+    source train.py fills its sharded networks from), and whose prompts map to fixed random features.
+    weights=False: the transformer stays on the meta device (shapes and counts only: --plan, --flops)."""
     features = features or text_features(cfg)
     with torch.device("meta"):
         net = build(cfg, modules)
-    net.to_empty(device="cpu")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.state_dict(keep_vars=True).values():
-            if p.is_floating_point():
-                p.normal_(0.0, 0.02, generator=g)
+    if weights:
+        net.to_empty(device="cpu")
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in net.state_dict(keep_vars=True).values():
+                if p.is_floating_point():
+                    p.normal_(0.0, 0.02, generator=g)
     net.eval().requires_grad_(False)
 
     def encode_prompts(prompts, negative=False):
@@ -385,7 +383,7 @@ def measure_activations(spec):
     cfg = config_from_dict(spec["config"])
     features = {k: (tuple(s), m) for k, (s, m) in spec["features"].items()}
     args = train.get_parser().parse_args(spec["argv"])
-    dtype, teacher_dtype = run_dtypes(args)
+    _, teacher_dtype = run_dtypes(args)
     out = {}
     for m in (1, 2):
         teacher = random_teacher(reduced(cfg, m), features=features, vae_factor=spec["vae_factor"])
@@ -426,14 +424,14 @@ def memory_plan(args, teacher, world, micro, activations=None, encoder_bytes=Non
     the teacher, extrapolated linearly in depth (activations: {1: bytes, 2: bytes} to skip the measurement)."""
     cfg = teacher.transformer.config
     P = param_count(teacher.transformer)
-    dtype, teacher_dtype = run_dtypes(args)
+    dtype, teacher_dtype = run_dtypes(args)       # dtype: the gathers' width below
     if activations is None:
         probe = teacher.encode_prompts([""])
         features = {k: (list(v.shape[1:]), not v.is_floating_point()) for k, v in probe.items()}
         argv = measure_argv(args, micro, args.resolution or teacher.resolution)
         activations = measure_in_subprocess(dict(config=config_to_dict(cfg), features=features,
                                                  vae_factor=teacher.vae_factor, argv=argv))
-    M = depth_units(cfg)
+    M = cfg.depth                                 # units of depth (DEPTH: FLUX's unit is 1 double + 2 single)
     parts = static_bytes(P, args.precision, teacher_dtype, args.ema_halflife_kimg > 0, world, args.cpu_offload)
     parts["buffers, replicated (e.g. SD3's sin-cos table)"] = buffer_bytes(teacher.transformer, args)
     if world > 1:     # just-in-time gathers: two units of the network at work (prefetch) plus every root
@@ -554,8 +552,7 @@ def plan(args):
     for name in ("sana-600m", "sana-1.6b", "sd3-medium", "sd3.5-medium", "sd3.5-large", "flux-dev"):
         cfg = PRESETS[name]
         spec = TEXT_INPUTS[type(cfg)]
-        teacher = random_teacher(reduced(cfg, 1))            # its shapes; the preset's own network below
-        teacher.transformer = build_on_meta(cfg)
+        teacher = random_teacher(cfg, weights=False)
         targs = train.args_for(teacher, ["--teacher", name, "--precision", args.precision, *args.train_flags])
         parts, _ = memory_plan(targs, teacher, args.gpus, 1, activations={1: 0, 2: 0},
                                encoder_bytes=spec["encoder_params"] * 2, vae_bytes=spec["vae_params"] * 4)
@@ -572,8 +569,7 @@ def flops_table(args):
     for name in ("sana-600m", "sana-1.6b", "sd3-medium", "sd3.5-medium", "sd3.5-large", "flux-dev"):
         cfg = PRESETS[name]
         for res in args.resolutions:
-            teacher = random_teacher(reduced(cfg, 1))
-            teacher.transformer = build_on_meta(cfg)
+            teacher = random_teacher(cfg, weights=False)
             targs = train.args_for(teacher, ["--teacher", name, *args.train_flags])
             f = pass_flops(cfg, text_features(cfg), teacher.latent_shape(res))
             per = [sum(iteration_flops(f, targs, k, 1, embeds=teacher.embeds_guidance)) / 1e12
@@ -625,7 +621,7 @@ def main(argv=None):
         raise ValueError(f"unknown preset {args.preset!r}; use one of {sorted(PRESETS)}")
     cfg = PRESETS[args.preset]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"{args.preset} ({param_count(build_on_meta(cfg)) / 1e9:.3f} B params), {args.resolution} px, micro-batch "
+    print(f"{args.preset} ({param_count(random_teacher(cfg, weights=False).transformer) / 1e9:.3f} B params), {args.resolution} px, micro-batch "
           f"{args.micro_batch}, {args.precision}, grad checkpointing {args.grad_checkpointing}, {device}; mean of "
           f"{args.steps} iterations after {args.warmup}, median of {args.repeats} run(s)", flush=True)
     # --repeats: the module sets alternate, and each row is the run with the median s/iter (CPU timings wander)
@@ -646,10 +642,6 @@ def main(argv=None):
             json.dump(dict(preset=args.preset, resolution=args.resolution, micro_batch=args.micro_batch,
                            precision=args.precision, device=device, rows=rows, runs=runs), f, indent=1)
 
-
-def build_on_meta(cfg):
-    with torch.device("meta"):
-        return build_model(cfg)
 
 
 if __name__ == "__main__":
